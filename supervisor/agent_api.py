@@ -1,0 +1,102 @@
+"""The agent's contract: what the engine may ask of the host of its processes.
+
+An agent hosts many process groups on one node. The same class runs inside
+the daemon or as a detached Ray actor, so every method is async and takes
+and returns plain data (str, int, float, bytes, lists, dicts and the frozen
+dataclasses below, which pickle). A process is addressed by its instance
+name (a unit, or a unit's replica/rank such as ``llama-0-r1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class AgentError(Exception):
+    """Root of the errors an agent raises."""
+
+
+class SpawnError(AgentError):
+    """The program could not be started (missing binary, bad cwd, ...)."""
+
+
+class NotRunning(AgentError):
+    """No process of that name is hosted here."""
+
+
+@dataclass(frozen=True)
+class Spawned:
+    name: str
+    pid: int
+    pgid: int
+    start_time: float  # the kernel's start time (psutil create_time), to tell a reused pid
+    node: str
+    token: str  # DYNSUP_TOKEN in the child's environment: finds escapees
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    code: int | None  # exit code, or None when killed by a signal
+    signal: str | None  # "SIGKILL", ...
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            return f"terminated by {self.signal}"
+        return f"exit status {self.code}"
+
+    def is_success(self, success_codes: tuple[int, ...]) -> bool:
+        return self.signal is None and self.code in success_codes
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """Bytes one process wrote to one stream, at a byte offset of that stream's log."""
+
+    seq: int  # agent-wide sequence number, for pumps that resume
+    name: str
+    stream: str  # "stdout" | "stderr"
+    pid: int
+    offset: int  # byte offset of data[0] in the (name, stream) log
+    data: bytes
+    time: float  # wall clock when read
+
+
+@dataclass(frozen=True)
+class ChunkBatch:
+    chunks: list[LogChunk]
+    cursor: int  # pass back to get what follows
+    lost: int  # chunks dropped since the cursor because the pump was too slow
+
+
+@dataclass(frozen=True)
+class LogRead:
+    start: int  # offset of data[0]; > the asked offset when older bytes were dropped
+    data: bytes
+    end: int  # offset after data; ask again from here
+
+
+class Agent(Protocol):
+    async def spawn(
+        self, name: str, argv: list[str], env: dict[str, str], cwd: str | None
+    ) -> Spawned: ...
+
+    async def wait_exit(self, name: str) -> ExitStatus:
+        """Wait until the process exits, its group is emptied, and return its status."""
+        ...
+
+    async def stop(self, name: str, stop_signal: str, timeout: float) -> ExitStatus | None:
+        """Signal the group, wait until it is empty up to timeout, then SIGKILL everything."""
+        ...
+
+    async def send_signal(self, name: str, sig: str) -> None: ...
+
+    async def read_log(self, name: str, stream: str, offset: int, limit: int) -> LogRead: ...
+
+    async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
+        """Long-poll: the chunks after cursor, waiting up to timeout for one."""
+        ...
+
+    async def running(self) -> list[Spawned]:
+        """Every process hosted here now (adoption after a daemon restart)."""
+        ...

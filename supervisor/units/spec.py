@@ -1,0 +1,71 @@
+"""Frozen spec objects: what a unit file means, after validation.
+
+Specs are plain frozen dataclasses so that a reload is a diff: two specs
+are the same unit configuration exactly when they compare equal. Mappings
+are stored as sorted tuples of pairs to keep them hashable and ordered.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+from dataclasses import dataclass, field
+
+
+class RestartPolicy(enum.Enum):
+    NO = "no"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+class ProbeKind(enum.Enum):
+    TCP = "tcp"  # "host:port" accepts a connection
+    HTTP = "http"  # GET answers 2xx
+    LOG = "log"  # a regex matches a line the unit printed
+    EXEC = "exec"  # a command exits 0
+    MODELS = "models"  # an OpenAI /v1/models lists every name in `models`
+
+
+@dataclass(frozen=True)
+class ReadySpec:
+    kind: ProbeKind
+    target: str  # tcp "host:port", http/models URL, log regex
+    argv: tuple[str, ...] = ()  # exec only
+    models: tuple[str, ...] = ()  # models only
+    timeout: float = 30.0  # from spawn to ready; past it the start failed
+    interval: float = 0.1  # between two attempts of a polling probe
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One supervised program: everything the engine needs to run it."""
+
+    name: str
+    command: tuple[str, ...]
+    description: str = ""
+    requires: tuple[str, ...] = ()
+    autostart: bool = True
+    environment: tuple[tuple[str, str], ...] = ()
+    working_directory: str | None = None
+    restart: RestartPolicy = RestartPolicy.ON_FAILURE
+    restart_delay: float = 0.1
+    restart_delay_max: float = 30.0
+    start_limit_burst: int = 5
+    start_limit_interval: float = 60.0
+    success_exit_codes: tuple[int, ...] = (0,)
+    stop_signal: signal.Signals = signal.SIGTERM
+    stop_timeout: float = 10.0
+    start_seconds: float = 1.0
+    ready: ReadySpec | None = None
+    gpus: int = 0
+    # Where the spec came from; not part of its identity, so moving a file
+    # or expanding the same model twice does not count as a change.
+    source: str = field(default="", compare=False)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.environment)
+
+
+def freeze_env(mapping: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(mapping.items()))
