@@ -78,8 +78,17 @@ class LogRead:
 
 class Agent(Protocol):
     async def spawn(
-        self, name: str, argv: list[str], env: dict[str, str], cwd: str | None
-    ) -> Spawned: ...
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        stop_signal: str = "SIGTERM",
+        stop_timeout: float = 10.0,
+    ) -> Spawned:
+        """Start a process group. stop_signal/stop_timeout also apply to what the
+        leader leaves behind when it exits by itself."""
+        ...
 
     async def wait_exit(self, name: str) -> ExitStatus:
         """Wait until the process exits, its group is emptied, and return its status."""

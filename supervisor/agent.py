@@ -1,0 +1,176 @@
+"""The in-process agent: hosts process groups and turns their output into log chunks.
+
+Its public methods are the `Agent` contract (async, plain data in and out),
+so the very same class can be hosted by a Ray actor on another node.
+It owns a task group: one watcher per process (leader exit, then clean-up
+of anything the leader left behind) and one reader per pipe. Pipes are
+always drained into bounded ring buffers, so a child never blocks on a
+slow supervisor or a slow `tail`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from .agent_api import ChunkBatch, ExitStatus, LogRead, NotRunning, Spawned
+from .logs import LogStore
+from .process import ProcessGroup, become_subreaper, signal_by_name
+
+log = structlog.get_logger("dynsup.agent")
+
+_READ_SIZE = 65536
+
+
+@dataclass
+class _Hosted:
+    group: ProcessGroup
+    stop_signal: str
+    stop_timeout: float
+    done: anyio.Event = field(default_factory=anyio.Event)
+    status: ExitStatus | None = None
+
+
+class LocalAgent:
+    """Hosts many process groups on this node."""
+
+    def __init__(self, node: str | None = None, log_capacity: int = 1 << 20) -> None:
+        self.node = node or socket.gethostname()
+        self.logs = LogStore(capacity=log_capacity)
+        self._hosted: dict[str, _Hosted] = {}
+        self._tg: TaskGroup | None = None
+        self.subreaper = False
+
+    async def __aenter__(self) -> LocalAgent:
+        self.subreaper = become_subreaper()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        # Nothing hosted may outlive the agent: stop whatever is still running.
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for name, hosted in list(self._hosted.items()):
+                    if not hosted.done.is_set():
+                        tg.start_soon(self.stop, name, hosted.stop_signal, hosted.stop_timeout)
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        return await self._tg.__aexit__(exc_type, exc, tb)
+
+    # -- the Agent contract --------------------------------------------------
+
+    async def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        stop_signal: str = "SIGTERM",
+        stop_timeout: float = 10.0,
+    ) -> Spawned:
+        previous = self._hosted.get(name)
+        if previous is not None and not previous.done.is_set():
+            raise RuntimeError(f"{name} is already running (pid {previous.group.pid})")
+        group = ProcessGroup.spawn(name, argv, env, cwd)
+        hosted = _Hosted(group, stop_signal, stop_timeout)
+        self._hosted[name] = hosted
+        assert self._tg is not None, "agent used outside its context"
+        self._tg.start_soon(self._pump, group, group.stdout_fd, "stdout")
+        self._tg.start_soon(self._pump, group, group.stderr_fd, "stderr")
+        self._tg.start_soon(self._watch, hosted)
+        return Spawned(
+            name=name,
+            pid=group.pid,
+            pgid=group.pgid,
+            start_time=group.start_time,
+            node=self.node,
+            token=group.token,
+        )
+
+    async def wait_exit(self, name: str) -> ExitStatus:
+        hosted = self._get(name)
+        await hosted.done.wait()
+        assert hosted.status is not None
+        return hosted.status
+
+    async def stop(self, name: str, stop_signal: str, timeout: float) -> ExitStatus | None:
+        hosted = self._get(name)
+        if not hosted.done.is_set():
+            await hosted.group.terminate(signal_by_name(stop_signal), timeout)
+            await hosted.done.wait()
+        return hosted.status
+
+    async def send_signal(self, name: str, sig: str) -> None:
+        hosted = self._get(name)
+        if hosted.done.is_set():
+            raise NotRunning(f"{name} is not running")
+        hosted.group.send_signal(signal_by_name(sig))
+
+    async def read_log(self, name: str, stream: str, offset: int, limit: int) -> LogRead:
+        start, data, end = self.logs.read(name, stream, offset, limit)
+        return LogRead(start=start, data=data, end=end)
+
+    async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
+        await self.logs.wait_beyond(cursor, timeout)
+        chunks, new_cursor, lost = self.logs.since(cursor)
+        return ChunkBatch(chunks=chunks, cursor=new_cursor, lost=lost)
+
+    async def running(self) -> list[Spawned]:
+        return [
+            Spawned(
+                name=name,
+                pid=h.group.pid,
+                pgid=h.group.pgid,
+                start_time=h.group.start_time,
+                node=self.node,
+                token=h.group.token,
+            )
+            for name, h in self._hosted.items()
+            if not h.done.is_set()
+        ]
+
+    # -- internals -----------------------------------------------------------
+
+    def _get(self, name: str) -> _Hosted:
+        try:
+            return self._hosted[name]
+        except KeyError:
+            raise NotRunning(f"no process named {name!r} on {self.node}") from None
+
+    async def _watch(self, hosted: _Hosted) -> None:
+        group = hosted.group
+        status = await group.watch_leader()
+        # What the leader left behind (an EngineCore holding GPU memory, say)
+        # must be gone before anyone hears of the exit and restarts the unit.
+        with anyio.CancelScope(shield=True):
+            await group.terminate(signal_by_name(hosted.stop_signal), hosted.stop_timeout)
+        hosted.status = status
+        hosted.done.set()
+        log.debug("process.exited", unit=group.name, pid=group.pid, status=status.describe())
+
+    async def _pump(self, group: ProcessGroup, fd: int, stream: str) -> None:
+        """Drain one pipe until EOF: every byte goes to the ring buffers at once."""
+        try:
+            while True:
+                try:
+                    data = os.read(fd, _READ_SIZE)
+                except BlockingIOError:
+                    await anyio.wait_readable(fd)
+                    continue
+                if not data:
+                    return
+                self.logs.append(group.name, stream, group.pid, data)
+        finally:
+            os.close(fd)

@@ -1,0 +1,129 @@
+"""The daemon's own configuration: `/etc/dynsup/dynsupd.toml`, overridden by flags.
+
+```toml
+[daemon]
+units = ["/etc/dynsup/units"]
+socket = "/run/dynsup/dynsup.sock"
+state_dir = "/var/lib/dynsup"
+log_format = "auto"            # "auto" | "console" | "json"
+socket_group = ""              # group allowed to act (socket mode 0660)
+readonly_group = ""            # group allowed read-only verbs
+
+[ray]
+enabled = "auto"               # true | false | "auto" (on when a unit asks for GPUs)
+address = ""                   # "": embedded local Ray; "auto" / "ray://...": join
+num_gpus = -1                  # embedded only: GPUs to declare (-1: detect)
+```
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG = Path("/etc/dynsup/dynsupd.toml")
+
+
+class ConfigError(Exception):
+    """The daemon's configuration file is invalid; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    enabled: bool | str = "auto"
+    address: str = ""
+    num_gpus: int = -1
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    units: tuple[str, ...] = ()
+    socket: str = ""
+    state_dir: str = ""
+    log_format: str = "auto"
+    socket_group: str = ""
+    readonly_group: str = ""
+    ray: RayConfig = field(default_factory=RayConfig)
+    source: str = ""
+
+
+_DAEMON_KEYS: dict[str, type | tuple[type, ...]] = {
+    "units": list,
+    "socket": str,
+    "state_dir": str,
+    "log_format": str,
+    "socket_group": str,
+    "readonly_group": str,
+}
+_RAY_KEYS: dict[str, type | tuple[type, ...]] = {
+    "enabled": (bool, str),
+    "address": str,
+    "num_gpus": int,
+}
+
+
+def _check_table(path: Path, table: str, data: Any, keys: dict[str, Any]) -> list[str]:
+    errors = []
+    if not isinstance(data, dict):
+        return [f"{path}: [{table}]: expected a table"]
+    for key, value in data.items():
+        if key not in keys:
+            errors.append(f"{path}: {table}.{key}: unknown key (known: {', '.join(keys)})")
+        elif not isinstance(value, keys[key]) or (keys[key] is int and isinstance(value, bool)):
+            expected = keys[key]
+            names = (
+                " or ".join(t.__name__ for t in expected)
+                if isinstance(expected, tuple)
+                else expected.__name__
+            )
+            errors.append(f"{path}: {table}.{key}: expected {names}, got {type(value).__name__}")
+    return errors
+
+
+def load_config(path: Path | None) -> DaemonConfig:
+    """Read the file (path None: the default one if it exists, else defaults)."""
+    if path is None:
+        if not DEFAULT_CONFIG.exists():
+            return DaemonConfig()
+        path = DEFAULT_CONFIG
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    errors = [
+        f"{path}: {key}: unknown table (known: daemon, ray)"
+        for key in data
+        if key not in ("daemon", "ray")
+    ]
+    daemon = data.get("daemon", {})
+    ray = data.get("ray", {})
+    errors += _check_table(path, "daemon", daemon, _DAEMON_KEYS)
+    errors += _check_table(path, "ray", ray, _RAY_KEYS)
+    if isinstance(daemon, dict):
+        if daemon.get("log_format", "auto") not in ("auto", "console", "json"):
+            errors.append(f'{path}: daemon.log_format: expected "auto", "console" or "json"')
+        if not all(isinstance(u, str) for u in daemon.get("units", [])):
+            errors.append(f"{path}: daemon.units: expected a list of directory paths")
+    if isinstance(ray, dict) and ray.get("enabled", "auto") not in (True, False, "auto"):
+        errors.append(f'{path}: ray.enabled: expected true, false or "auto"')
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return DaemonConfig(
+        units=tuple(daemon.get("units", ())),
+        socket=daemon.get("socket", ""),
+        state_dir=daemon.get("state_dir", ""),
+        log_format=daemon.get("log_format", "auto"),
+        socket_group=daemon.get("socket_group", ""),
+        readonly_group=daemon.get("readonly_group", ""),
+        ray=RayConfig(**ray),
+        source=str(path),
+    )

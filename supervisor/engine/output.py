@@ -1,0 +1,66 @@
+"""Unit output as lines, for the engine's log probes.
+
+Whoever pumps chunks out of an agent publishes them here; a log probe
+subscribes before its process is spawned, so it cannot miss a line.
+Publishing never blocks: a subscriber that falls behind loses lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ..agent_api import LogChunk
+
+_MAX_LINE = 64 * 1024
+
+
+class LineSubscription:
+    def __init__(self, hub: OutputHub, name: str, pid: int, buffer: int) -> None:
+        self.name = name
+        self.pid = pid
+        self._hub = hub
+        self._partial: dict[str, bytes] = {}
+        self._send: MemoryObjectSendStream[str]
+        self._receive: MemoryObjectReceiveStream[str]
+        self._send, self._receive = anyio.create_memory_object_stream[str](buffer)
+
+    def feed(self, chunk: LogChunk) -> None:
+        data = self._partial.pop(chunk.stream, b"") + chunk.data
+        *complete, rest = data.split(b"\n")
+        self._partial[chunk.stream] = rest[-_MAX_LINE:]
+        for raw in complete:
+            with contextlib.suppress(anyio.WouldBlock):
+                self._send.send_nowait(raw.decode("utf-8", "replace"))
+
+    async def lines(self) -> AsyncIterator[str]:
+        async for line in self._receive:
+            yield line
+
+    def close(self) -> None:
+        self._hub.unsubscribe(self)
+        self._send.close()
+        self._receive.close()
+
+
+class OutputHub:
+    def __init__(self) -> None:
+        self._subs: dict[str, list[LineSubscription]] = {}
+
+    def subscribe(self, name: str, pid: int, buffer: int = 4096) -> LineSubscription:
+        sub = LineSubscription(self, name, pid, buffer)
+        self._subs.setdefault(name, []).append(sub)
+        return sub
+
+    def unsubscribe(self, sub: LineSubscription) -> None:
+        subs = self._subs.get(sub.name, [])
+        if sub in subs:
+            subs.remove(sub)
+
+    def publish(self, chunk: LogChunk) -> None:
+        for sub in list(self._subs.get(chunk.name, ())):
+            if sub.pid == chunk.pid:
+                sub.feed(chunk)

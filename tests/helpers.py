@@ -1,0 +1,71 @@
+"""Small helpers for tests that run real processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import anyio
+import psutil
+
+from supervisor.agent import LocalAgent
+from supervisor.engine import Engine, OutputHub, State, UnitStatus
+from supervisor.units.spec import ServiceSpec, freeze_env
+
+
+def python(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", textwrap.dedent(code))
+
+
+def service(name: str, code: str, **fields: Any) -> ServiceSpec:
+    env = fields.pop("environment", {})
+    base = ServiceSpec(
+        name=name,
+        command=python(code),
+        environment=freeze_env({**os.environ, **env}),
+        start_seconds=fields.pop("start_seconds", 0.0),
+        stop_timeout=fields.pop("stop_timeout", 5.0),
+    )
+    return replace(base, **fields)
+
+
+def alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@asynccontextmanager
+async def open_engine(*specs: ServiceSpec) -> AsyncIterator[Engine]:
+    """An engine on a real in-process agent, with output pumped to its hub."""
+    hub = OutputHub()
+    async with LocalAgent() as agent, Engine(agent, hub) as engine, anyio.create_task_group() as tg:
+
+        async def pump() -> None:
+            cursor = 0
+            while True:
+                batch = await agent.next_chunks(cursor, 30.0)
+                for chunk in batch.chunks:
+                    hub.publish(chunk)
+                cursor = batch.cursor
+
+        tg.start_soon(pump)
+        engine.load({s.name: s for s in specs})
+        try:
+            yield engine
+        finally:
+            await engine.stop_all()
+            tg.cancel_scope.cancel()
+
+
+async def wait_for(engine: Engine, name: str, state: State, timeout: float = 20) -> UnitStatus:
+    with anyio.fail_after(timeout):
+        return await engine.wait_state(name, lambda s: s.state is state)
