@@ -122,6 +122,11 @@ class LocalAgent:
         start, data, end = self.logs.read(name, stream, offset, limit)
         return LogRead(start=start, data=data, end=end)
 
+    async def tail_log(self, name: str, stream: str, lines: int) -> LogRead:
+        start = self.logs.tail_offset(name, stream, lines)
+        end = self.logs.end(name, stream)
+        return await self.read_log(name, stream, start, end - start)
+
     async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
         await self.logs.wait_beyond(cursor, timeout)
         chunks, new_cursor, lost = self.logs.since(cursor)

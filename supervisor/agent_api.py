@@ -102,6 +102,10 @@ class Agent(Protocol):
 
     async def read_log(self, name: str, stream: str, offset: int, limit: int) -> LogRead: ...
 
+    async def tail_log(self, name: str, stream: str, lines: int) -> LogRead:
+        """The last `lines` lines of a stream (at most what the ring holds)."""
+        ...
+
     async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
         """Long-poll: the chunks after cursor, waiting up to timeout for one."""
         ...

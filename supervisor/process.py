@@ -88,6 +88,7 @@ class ProcessGroup:
     _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _leader_gone: anyio.Event = field(default_factory=anyio.Event, repr=False)
     _teardown_lock: anyio.Lock = field(default_factory=anyio.Lock, repr=False)
+    _escapees: set[_Known] = field(default_factory=set, repr=False)
 
     @property
     def pgid(self) -> int:
@@ -194,14 +195,22 @@ class ProcessGroup:
             return found
         for proc in candidates:
             if proc.pid == self.pid:
-                continue
+                continue  # the leader is reaped by watch_leader only
             try:
+                pgid = _pgid_of(proc.pid)
                 if proc.status() == psutil.STATUS_ZOMBIE:
-                    self._reap_if_ours(proc.pid)
+                    # Reap only what is provably ours: another unit's leader is a
+                    # zombie of ours too until its own watcher reaps it.
+                    known = _Known(proc.pid, proc.create_time())
+                    if pgid == self.pgid or known in self._escapees:
+                        self._reap_if_ours(proc.pid)
                     continue
-                belongs = _pgid_of(proc.pid) == self.pgid or self._has_token(proc)
-                if belongs:
+                if pgid == self.pgid:
                     found.append(_Known(proc.pid, proc.create_time()))
+                elif self._has_token(proc):
+                    known = _Known(proc.pid, proc.create_time())
+                    self._escapees.add(known)
+                    found.append(known)
             except psutil.Error:
                 continue
         return found

@@ -228,6 +228,8 @@ class Engine:
             return
         assert self._tg is not None, "engine used outside its context"
         unit.wanted = True
+        # PENDING at once, so a caller that waits for the start never sees the old state.
+        self._set_state(unit, State.PENDING, reason="start requested")
         unit.scope = anyio.CancelScope()
         unit.finished = anyio.Event()
         self._tg.start_soon(self._lifecycle, unit, unit.scope, unit.finished)
@@ -246,7 +248,6 @@ class Engine:
 
     async def _run(self, unit: _Unit) -> None:
         spec = unit.spec
-        self._set_state(unit, State.PENDING, reason="start requested")
         await self._wait_requirements(unit)
         limiter = StartLimiter(spec.start_limit_burst, spec.start_limit_interval)
         limiter.allow(anyio.current_time())  # the first start always goes ahead

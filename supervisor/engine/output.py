@@ -46,9 +46,35 @@ class LineSubscription:
         self._receive.close()
 
 
+class ChunkFollower:
+    """Raw chunks of one unit, for `tail -f`. Bounded: a slow follower loses chunks
+    and sees the gap in the offsets of the next one."""
+
+    def __init__(self, hub: OutputHub, name: str, buffer: int) -> None:
+        self.name = name
+        self._hub = hub
+        self.send, self.receive = anyio.create_memory_object_stream[LogChunk](buffer)
+
+    def close(self) -> None:
+        self._hub.unfollow(self)
+        self.send.close()
+        self.receive.close()
+
+
 class OutputHub:
     def __init__(self) -> None:
         self._subs: dict[str, list[LineSubscription]] = {}
+        self._followers: dict[str, list[ChunkFollower]] = {}
+
+    def follow(self, name: str, buffer: int = 256) -> ChunkFollower:
+        follower = ChunkFollower(self, name, buffer)
+        self._followers.setdefault(name, []).append(follower)
+        return follower
+
+    def unfollow(self, follower: ChunkFollower) -> None:
+        followers = self._followers.get(follower.name, [])
+        if follower in followers:
+            followers.remove(follower)
 
     def subscribe(self, name: str, pid: int, buffer: int = 4096) -> LineSubscription:
         sub = LineSubscription(self, name, pid, buffer)
@@ -64,3 +90,8 @@ class OutputHub:
         for sub in list(self._subs.get(chunk.name, ())):
             if sub.pid == chunk.pid:
                 sub.feed(chunk)
+        for follower in list(self._followers.get(chunk.name, ())):
+            try:
+                follower.send.send_nowait(chunk)
+            except anyio.WouldBlock:
+                pass  # the follower lags; the next chunk's offset tells it what it missed
