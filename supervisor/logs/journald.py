@@ -1,0 +1,296 @@
+"""Sending entries to journald over its native protocol, without libsystemd.
+
+An entry is one datagram of fields (https://systemd.io/JOURNAL_NATIVE_PROTOCOL/):
+``KEY=value\\n``, or ``KEY\\n<u64 little-endian length><value>\\n`` when the
+value holds a newline. An entry too big for a datagram goes in a sealed
+memfd whose descriptor is sent alone (SCM_RIGHTS, empty payload).
+
+The socket is non-blocking: when journald falls behind, entries are
+dropped and counted, because a unit's output must never wait on journald.
+
+`UnitOutputForwarder` turns a unit's log chunks into one entry per line,
+with ``SYSLOG_IDENTIFIER=<unit>`` and the ``DYNSUP_*`` fields.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import socket
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from ..agent_api import LogChunk
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+# Unit output goes in at "info" whatever the stream, as systemd does for a
+# service's stdout and stderr (SyslogLevel=info): many programs log all
+# their routine messages to stderr, and `journalctl -p err` would drown.
+# DYNSUP_STREAM tells the streams apart.
+UNIT_OUTPUT_PRIORITY = 6
+
+# journald's own limit for a line of a stream (LineMax=48K); a longer line
+# is cut into pieces of this size.
+MAX_LINE = 48 * 1024
+
+# Bigger entries go by memfd without trying a datagram: how big a datagram
+# may be depends on the host's wmem_max, and a huge one would fill the
+# socket buffer that the next lines need. (EMSGSIZE falls back too.)
+MEMFD_THRESHOLD = 200 * 1024
+# Room for bursts of lines; the kernel caps it at wmem_max.
+_SNDBUF = 8 << 20
+_FIELD_NAME_MAX = 64  # journald rejects longer field names
+_INVALID_FIELD_CHARS = re.compile(r"[^A-Z0-9_]")
+# Fields the caller of send() may not override through `fields`.
+_RESERVED = frozenset({"MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER"})
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+
+FieldValue = str | int | bytes
+
+
+def field_name(key: str) -> str | None:
+    """A valid journal field name for key, or None when nothing is left of it.
+
+    Upper-cased, other characters become ``_``, leading underscores (trusted
+    fields journald sets itself) are stripped, a leading digit gets ``F``.
+    """
+    name = _INVALID_FIELD_CHARS.sub("_", key.upper()).lstrip("_")
+    if name[:1].isdigit():
+        name = "F" + name
+    return name[:_FIELD_NAME_MAX] or None
+
+
+def _value_bytes(value: FieldValue) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8", "surrogateescape")
+
+
+def encode_entry(fields: Iterable[tuple[str, FieldValue]]) -> bytes:
+    """The native-protocol payload for fields whose names are already valid."""
+    parts: list[bytes] = []
+    for key, value in fields:
+        name = key.encode("ascii")
+        data = _value_bytes(value)
+        if b"\n" in data:
+            parts += [name, b"\n", struct.pack("<Q", len(data)), data, b"\n"]
+        else:
+            parts += [name, b"=", data, b"\n"]
+    return b"".join(parts)
+
+
+def journal_is_live(path: str = JOURNAL_SOCKET) -> bool:
+    """Whether a journald listens on path (a stale socket file refuses connect)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+@dataclass(frozen=True)
+class JournalStatistics:
+    sent: int
+    dropped: int  # journald's queue was full (EAGAIN): dropped, never waited for
+    failed: int  # other errors, e.g. journald went away
+
+
+class JournalSender:
+    """A non-blocking sender of native-protocol entries to one journald socket."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
+        self.path = path
+        # Not connected: each datagram is addressed, so a restarted journald
+        # (a new socket at the same path) is reached without reopening.
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.setblocking(False)
+        # Best effort: the kernel default still works, big entries go by memfd.
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+        self._sent = 0
+        self._dropped = 0
+        self._failed = 0
+
+    @classmethod
+    def open(cls, path: str = JOURNAL_SOCKET) -> JournalSender | None:
+        """A sender for path, or None when no journald listens there."""
+        return cls(path) if journal_is_live(path) else None
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> JournalSender:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def statistics(self) -> JournalStatistics:
+        return JournalStatistics(sent=self._sent, dropped=self._dropped, failed=self._failed)
+
+    def send(
+        self,
+        message: str | bytes,
+        *,
+        priority: int,
+        identifier: str,
+        fields: Mapping[str, FieldValue] | None = None,
+    ) -> bool:
+        """Send one entry; returns whether journald got it. Never blocks, never raises.
+
+        Field names are sanitised (`field_name`); ``fields`` cannot override
+        MESSAGE, PRIORITY or SYSLOG_IDENTIFIER.
+        """
+        items: list[tuple[str, FieldValue]] = [
+            ("MESSAGE", message),
+            ("PRIORITY", priority),
+            ("SYSLOG_IDENTIFIER", identifier),
+        ]
+        for key, value in (fields or {}).items():
+            name = field_name(key)
+            if name is not None and name not in _RESERVED:
+                items.append((name, value))
+        return self.send_payload(encode_entry(items))
+
+    def send_payload(self, payload: bytes) -> bool:
+        """Send an encoded entry: a datagram, or a memfd when it is too big for one."""
+        if len(payload) > MEMFD_THRESHOLD:
+            return self._send_memfd(payload)
+        try:
+            self._sock.sendto(payload, self.path)
+        except BlockingIOError:
+            self._dropped += 1
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                self._failed += 1
+                return False
+            return self._send_memfd(payload)
+        self._sent += 1
+        return True
+
+    def _send_memfd(self, payload: bytes) -> bool:
+        try:
+            fd = os.memfd_create("journal-entry", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError:
+            self._failed += 1
+            return False
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            # journald accepts only a memfd sealed against any change.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            self._sock.sendmsg([], rights, 0, self.path)
+        except BlockingIOError:
+            self._dropped += 1
+            return False
+        except OSError:
+            self._failed += 1
+            return False
+        finally:
+            os.close(fd)  # journald holds its own reference once sent
+        self._sent += 1
+        return True
+
+
+class LineSplitter:
+    """Cuts a byte stream into lines, holding an unfinished last line until more comes.
+
+    Lines come without their newline; one longer than ``max_line`` is cut
+    into pieces of ``max_line`` bytes, so the held part stays bounded.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self.max_line = max_line
+        self._partial = bytearray()
+
+    @property
+    def pending(self) -> bytes:
+        return bytes(self._partial)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The lines data completes."""
+        self._partial += data
+        *lines, rest = self._partial.split(b"\n")
+        out = [piece for line in lines for piece in self._cut(bytes(line))]
+        # Hold at most max_line bytes of an unfinished line: whole pieces go now.
+        full = (len(rest) - 1) // self.max_line * self.max_line if rest else 0
+        if full:
+            out += self._cut(bytes(rest[:full]))
+        self._partial = rest[full:]
+        return out
+
+    def flush(self) -> bytes | None:
+        """The unfinished line, if any, as a line of its own."""
+        if not self._partial:
+            return None
+        line = bytes(self._partial)
+        self._partial.clear()
+        return line
+
+    def _cut(self, line: bytes) -> list[bytes]:
+        if len(line) <= self.max_line:
+            return [line]
+        return [line[i : i + self.max_line] for i in range(0, len(line), self.max_line)]
+
+
+class UnitOutputForwarder:
+    """Sends units' output to journald, one entry per line.
+
+    Keeps a `LineSplitter` per (unit, stream). An unfinished line is sent
+    by `flush` (when the process exits) or when output from a new pid of
+    the same stream arrives, with the pid that wrote it.
+    """
+
+    def __init__(self, sender: JournalSender, node: str | None = None) -> None:
+        self.sender = sender
+        self.node = node or socket.gethostname()
+        self._splitters: dict[tuple[str, str], tuple[int, LineSplitter]] = {}
+
+    def feed(self, chunk: LogChunk) -> None:
+        key = (chunk.name, chunk.stream)
+        held = self._splitters.get(key)
+        if held is not None and held[0] != chunk.pid:
+            self._flush_key(key)
+            held = None
+        if held is None:
+            held = self._splitters[key] = (chunk.pid, LineSplitter())
+        for line in held[1].feed(chunk.data):
+            self._send(chunk.name, chunk.stream, chunk.pid, line)
+
+    def flush(self, name: str, stream: str | None = None) -> None:
+        """Send the unfinished lines of a unit (both streams when stream is None)."""
+        streams = (stream,) if stream is not None else ("stdout", "stderr")
+        for s in streams:
+            self._flush_key((name, s))
+
+    def _flush_key(self, key: tuple[str, str]) -> None:
+        held = self._splitters.pop(key, None)
+        if held is not None:
+            line = held[1].flush()
+            if line is not None:
+                self._send(key[0], key[1], held[0], line)
+
+    def _send(self, name: str, stream: str, pid: int, line: bytes) -> None:
+        self.sender.send(
+            line,
+            priority=UNIT_OUTPUT_PRIORITY,
+            identifier=name,
+            fields={
+                "DYNSUP_UNIT": name,
+                "DYNSUP_STREAM": stream,
+                "DYNSUP_PID": pid,
+                "DYNSUP_NODE": self.node,
+            },
+        )

@@ -1,0 +1,272 @@
+"""The journald native protocol, against a real journald and against plain sockets."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import struct
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import structlog
+
+from supervisor.agent_api import LogChunk
+from supervisor.logs import (
+    JournalSender,
+    LineSplitter,
+    UnitOutputForwarder,
+    configure_logging,
+    journal_is_live,
+)
+from supervisor.logs.journald import MEMFD_THRESHOLD, encode_entry, field_name
+
+if TYPE_CHECKING:
+    from tests.journald_fixture import Journald
+
+# The journald fixtures, wherever else they are registered (a conftest's win).
+pytest_plugins = ["tests.journald_fixture"]
+
+
+def unique(prefix: str = "dynsup-test") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def sender(journald: str) -> Iterator[JournalSender]:
+    opened = JournalSender.open(journald)
+    assert opened is not None
+    with opened:
+        yield opened
+
+
+@pytest.fixture
+def dgram_server(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
+    """A datagram socket standing in for journald, which the test reads itself."""
+    path = str(tmp_path / "socket")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    with server:
+        yield path, server
+
+
+# Encoding
+
+
+def test_encode_entry_uses_binary_form_only_for_newlines() -> None:
+    payload = encode_entry([("MESSAGE", "a\nb"), ("PRIORITY", 6), ("RAW", b"x=y")])
+    assert payload == b"MESSAGE\n" + struct.pack("<Q", 3) + b"a\nb\nPRIORITY=6\nRAW=x=y\n"
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [
+        ("unit", "UNIT"),
+        ("my-field.x", "MY_FIELD_X"),
+        ("__trusted", "TRUSTED"),
+        ("9lives", "F9LIVES"),
+        ("___", None),
+        ("x" * 80, "X" * 64),
+    ],
+)
+def test_field_names_are_sanitised(key: str, name: str | None) -> None:
+    assert field_name(key) == name
+
+
+# Line splitting
+
+
+def test_line_splitter_holds_an_unfinished_line() -> None:
+    splitter = LineSplitter()
+    assert splitter.feed(b"one\ntw") == [b"one"]
+    assert splitter.pending == b"tw"
+    assert splitter.feed(b"o\n\nthr") == [b"two", b""]
+    assert splitter.flush() == b"thr"
+    assert splitter.flush() is None
+
+
+def test_line_splitter_cuts_long_lines() -> None:
+    splitter = LineSplitter(max_line=4)
+    assert splitter.feed(b"abcdefghij\nxy") == [b"abcd", b"efgh", b"ij"]
+    # An unfinished line never holds more than max_line bytes.
+    assert splitter.feed(b"z" * 9) == [b"xyzz", b"zzzz"]
+    assert splitter.pending == b"zzz"
+    assert splitter.feed(b"z\n") == [b"zzzz"]
+    assert splitter.pending == b""
+
+
+# Against a real journald
+
+
+def test_entry_with_multiline_message_and_fields(
+    sender: JournalSender, journald_instance: Journald
+) -> None:
+    ident = unique()
+    assert sender.send(
+        "first line\nsecond line",
+        priority=4,
+        identifier=ident,
+        fields={"unit": "web", "my-field": "a=b", "__pid": 7, "MESSAGE": "ignored"},
+    )
+    [entry] = journald_instance.entries(ident)
+    assert entry["MESSAGE"] == "first line\nsecond line"
+    assert entry["PRIORITY"] == "4"
+    assert entry["SYSLOG_IDENTIFIER"] == ident
+    assert entry["UNIT"] == "web"
+    assert entry["MY_FIELD"] == "a=b"
+    assert entry["PID"] == "7"
+    assert entry["_PID"] == str(os.getpid())  # trusted, set by journald itself
+    assert sender.statistics().sent == 1
+
+
+def test_one_megabyte_message_goes_by_memfd(
+    sender: JournalSender, journald_instance: Journald
+) -> None:
+    ident = unique()
+    message = "".join(f"{i:07d}\n" for i in range(128 * 1024))  # 1 MiB, many lines
+    assert sender.send(message, priority=6, identifier=ident)
+    [entry] = journald_instance.entries(ident)
+    assert entry["MESSAGE"] == message
+
+
+def test_unit_output_is_one_entry_per_line(sender: JournalSender, journald_instance: Journald):
+    unit = unique("unit")
+    forwarder = UnitOutputForwarder(sender, node="node-7")
+    chunks = [b"line one\nline ", b"two\n\xffraw\nno newline"]
+    for data in chunks:
+        forwarder.feed(LogChunk(1, unit, "stderr", 4242, 0, data, 0.0))
+    forwarder.flush(unit)
+    entries = journald_instance.entries(unit, count=4)
+    assert [e["MESSAGE"] for e in entries] == [
+        "line one",
+        "line two",
+        list(b"\xffraw"),  # not UTF-8: journalctl shows the bytes
+        "no newline",  # sent by flush
+    ]
+    for entry in entries:
+        assert entry["SYSLOG_IDENTIFIER"] == unit
+        assert entry["PRIORITY"] == "6"
+        assert entry["DYNSUP_UNIT"] == unit
+        assert entry["DYNSUP_STREAM"] == "stderr"
+        assert entry["DYNSUP_PID"] == "4242"
+        assert entry["DYNSUP_NODE"] == "node-7"
+
+
+def test_unfinished_line_keeps_the_pid_that_wrote_it(dgram_server: tuple[str, socket.socket]):
+    path, server = dgram_server
+    with JournalSender(path) as sender:
+        forwarder = UnitOutputForwarder(sender, node="n")
+        forwarder.feed(LogChunk(1, "web", "stdout", 100, 0, b"dying wor", 0.0))
+        forwarder.feed(LogChunk(2, "web", "stdout", 200, 9, b"restarted\n", 0.0))
+    first, second = server.recv(4096), server.recv(4096)
+    assert b"MESSAGE=dying wor\n" in first
+    assert b"DYNSUP_PID=100\n" in first
+    assert b"MESSAGE=restarted\n" in second
+    assert b"DYNSUP_PID=200\n" in second
+
+
+@pytest.fixture
+def reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+def test_daemon_events_go_to_journald_and_stderr(
+    sender: JournalSender,
+    journald_instance: Journald,
+    capsys: pytest.CaptureFixture[str],
+    reset_structlog: None,
+) -> None:
+    configure_logging("json", journal=sender)
+    ident_unit = unique("unit")
+    with structlog.contextvars.bound_contextvars(unit=ident_unit):
+        structlog.get_logger().warning("unit.backoff", pid=12, delay=1.5)
+    line = json.loads(capsys.readouterr().err)
+    assert line["event"] == "unit.backoff"
+    assert line["unit"] == ident_unit
+    assert line["level"] == "warning"
+    assert "timestamp" in line
+
+    found = [
+        e for e in journald_instance.entries("dynsupd", count=1) if e.get("UNIT") == ident_unit
+    ]
+    if not found:  # the daemon's identifier is shared: look again for ours
+        found = [
+            e
+            for e in journald_instance.entries("dynsupd", count=10**9, timeout=5)
+            if e.get("UNIT") == ident_unit
+        ]
+    [entry] = found
+    assert entry["PRIORITY"] == "4"
+    assert entry["EVENT"] == "unit.backoff"
+    assert entry["PID"] == "12"
+    assert entry["DELAY"] == "1.5"
+    assert entry["MESSAGE"] == f"unit.backoff pid=12 delay=1.5 unit={ident_unit}"
+
+
+def test_console_format_is_key_value(
+    capsys: pytest.CaptureFixture[str], reset_structlog: None
+) -> None:
+    configure_logging("console")
+    structlog.get_logger().info("daemon.started", pid=3)
+    err = capsys.readouterr().err
+    assert "daemon.started" in err
+    assert "pid=3" in err
+
+
+# Without journald, or when it cannot keep up
+
+
+def test_missing_socket_reports_unavailable(tmp_path: Path) -> None:
+    path = str(tmp_path / "no-such-socket")
+    assert not journal_is_live(path)
+    assert JournalSender.open(path) is None
+    with JournalSender(path) as sender:  # journald went away after open
+        assert sender.send("x", priority=6, identifier="t") is False
+        assert sender.statistics().failed == 1
+
+
+def test_stale_socket_file_is_not_live(tmp_path: Path) -> None:
+    path = str(tmp_path / "socket")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dead.bind(path)
+    dead.close()  # the file stays, nobody listens
+    assert JournalSender.open(path) is None
+
+
+def test_full_socket_drops_entries_without_blocking(
+    dgram_server: tuple[str, socket.socket],
+) -> None:
+    path, _server = dgram_server  # never reads
+    with JournalSender(path) as sender:
+        results = [sender.send("x" * 1000, priority=6, identifier="t") for _ in range(5000)]
+        stats = sender.statistics()
+    assert results[0] is True
+    assert results[-1] is False
+    assert stats.dropped == results.count(False) > 0
+    assert stats.sent == results.count(True)
+
+
+def test_large_entry_is_a_sealed_memfd(dgram_server: tuple[str, socket.socket]) -> None:
+    path, server = dgram_server
+    message = "y" * (MEMFD_THRESHOLD + 1)
+    with JournalSender(path) as sender:
+        assert sender.send(message, priority=6, identifier="big")
+    data, fds, _flags, _addr = socket.recv_fds(server, 1024, 1)
+    assert data == b""
+    [fd] = fds
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        wanted = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+        assert seals & wanted == wanted
+        content = os.pread(fd, 2 * MEMFD_THRESHOLD, 0)
+    finally:
+        os.close(fd)
+    assert content == encode_entry(
+        [("MESSAGE", message), ("PRIORITY", 6), ("SYSLOG_IDENTIFIER", "big")]
+    )
