@@ -2,8 +2,9 @@
 
     dynsupd [--config FILE] [--socket PATH] [--state-dir DIR] [--log-format F] [UNIT_DIR...]
 
-Exit codes: 0 after an orderly shutdown (SIGTERM/SIGINT), 2 when the
-configuration or a unit file is invalid (nothing is started then).
+Exit codes: 0 after an orderly shutdown (SIGTERM/SIGINT, `dynsupctl shutdown`),
+1 when another dynsupd already serves the socket, 2 when the configuration
+or a unit file is invalid (nothing is started then).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +22,30 @@ import structlog
 
 from . import __version__
 from .agent import LocalAgent
+from .agent_api import Agent
+from .commands import Commands
 from .config import ConfigError, DaemonConfig, load_config
-from .engine import Engine, OutputHub
-from .logs.structlog_setup import configure_logging
+from .control.paths import socket_path
+from .control.server import AccessPolicy, AlreadyRunning, ControlServer
+from .engine import Engine, OutputHub, State
+from .logs import (
+    JOURNAL_SOCKET,
+    JournalSender,
+    UnitOutputForwarder,
+    configure_logging,
+    journal_is_live,
+)
+from .sdnotify import Notifier
+from .statefile import DesiredState
 from .units import UnitErrors, load_units
 from .units.spec import ServiceSpec
 
 log = structlog.get_logger("dynsup.daemon")
 
 EXIT_OK = 0
+EXIT_ALREADY_RUNNING = 1
 EXIT_BAD_CONFIG = 2
+SETTLED = frozenset({State.RUNNING, State.EXITED, State.FATAL})
 
 
 @dataclass(frozen=True)
@@ -72,7 +88,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     return Settings(
         config=config,
         unit_dirs=unit_dirs,
-        socket=args.socket or config.socket,
+        socket=socket_path(args.socket or config.socket or None),
         state_dir=state_dir,
         log_format=args.log_format or config.log_format,
     )
@@ -83,7 +99,7 @@ def load_specs(settings: Settings) -> dict[str, ServiceSpec]:
     return load_units([Path(d) for d in settings.unit_dirs], context=context)
 
 
-async def pump_output(agent: LocalAgent, hub: OutputHub) -> None:
+async def pump_output(agent: Agent, hub: OutputHub, journal: UnitOutputForwarder | None) -> None:
     """Move output chunks from the agent to their consumers, as they are printed."""
     cursor = 0
     while True:
@@ -92,23 +108,117 @@ async def pump_output(agent: LocalAgent, hub: OutputHub) -> None:
             log.warning("output.lost", chunks=batch.lost)
         for chunk in batch.chunks:
             hub.publish(chunk)
+            if journal is not None:
+                journal.feed(chunk)
         cursor = batch.cursor
 
 
-async def serve(settings: Settings, specs: dict[str, ServiceSpec]) -> None:
-    hub = OutputHub()
-    async with LocalAgent() as agent, Engine(agent, hub) as engine, anyio.create_task_group() as tg:
-        tg.start_soon(pump_output, agent, hub)
-        engine.load(specs)
-        log.info("daemon.started", units=len(specs), pid=os.getpid())
-        engine.start_autostart()
+def summary(engine: Engine) -> str:
+    """One line for systemd's STATUS=: counts per state, worst first."""
+    counts = Counter(s.state for s in engine.statistics())
+    order = [State.FATAL, State.BACKOFF, State.STARTING, State.PENDING, State.RUNNING]
+    parts = [f"{counts[state]} {state.value.lower()}" for state in order if counts[state]]
+    return ", ".join(parts) or "no units running"
+
+
+async def report_to_systemd(engine: Engine, notifier: Notifier, wanted: set[str]) -> None:
+    """STATUS= on every change; READY=1 once every unit wanted at start has settled.
+
+    Settled means RUNNING, or given up (EXITED/FATAL): a unit that cannot
+    start must not hold `systemctl start` until its timeout; STATUS says so.
+    """
+    ready_sent = False
+    with engine.subscribe() as changes:
+        while True:
+            snaps = engine.statistics()
+            line = summary(engine)
+            if not ready_sent and all(s.state in SETTLED for s in snaps if s.name in wanted):
+                notifier.ready(line)
+                log.info("daemon.ready", status=line)
+                ready_sent = True
+            else:
+                notifier.status(line)
+            await changes.receive()
+            # Coalesce a burst of changes into one STATUS line.
+            while True:
+                try:
+                    changes.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+
+
+def open_journal() -> tuple[JournalSender | None, UnitOutputForwarder | None]:
+    """journald's native socket ($DYNSUP_JOURNAL_SOCKET picks a journal namespace's)."""
+    path = os.environ.get("DYNSUP_JOURNAL_SOCKET") or JOURNAL_SOCKET
+    sender = JournalSender.open(path) if journal_is_live(path) else None
+    return sender, UnitOutputForwarder(sender) if sender is not None else None
+
+
+class Daemon:
+    """The running daemon: owns the agent, the engine and the control server."""
+
+    def __init__(
+        self, settings: Settings, specs: dict[str, ServiceSpec], access: AccessPolicy
+    ) -> None:
+        self.settings = settings
+        self.access = access
+        self.specs = specs
+        self.shutdown_requested = anyio.Event()
+
+    def reread(self) -> dict[str, ServiceSpec]:
+        return load_specs(self.settings)
+
+    async def serve(self, journal: UnitOutputForwarder | None) -> None:
+        settings = self.settings
+        notifier = Notifier.from_env()
+        desired = DesiredState.load(settings.state_dir)
+        hub = OutputHub()
+        server = ControlServer(
+            {},
+            path=settings.socket,
+            read_only_verbs=Commands.READ_ONLY,
+            access=self.access,
+        )
+        # Bind first: a second daemon must refuse before it touches any unit.
+        await server.bind()
+        async with (
+            LocalAgent() as agent,
+            Engine(agent, hub) as engine,
+            anyio.create_task_group() as tg,
+        ):
+            engine.load(self.specs)
+            commands = Commands(
+                engine,
+                agent,
+                hub,
+                reread=self.reread,
+                desired=desired,
+                request_shutdown=self.shutdown_requested.set,
+            )
+            server.handlers.update(commands.handlers())
+            await tg.start(server.serve)
+            tg.start_soon(pump_output, agent, hub, journal)
+            tg.start_soon(notifier.run_watchdog)
+            wanted = {n for n, spec in self.specs.items() if desired.wants(n, spec.autostart)}
+            tg.start_soon(report_to_systemd, engine, notifier, wanted)
+            log.info("daemon.started", units=len(self.specs), pid=os.getpid(), socket=server.path)
+            for name in self.specs:
+                if name in wanted:
+                    engine.start_nowait(name)
+            tg.start_soon(self._watch_signals)
+            await self.shutdown_requested.wait()
+            server.begin_shutdown()
+            notifier.stopping()
+            await engine.stop_all()
+            tg.cancel_scope.cancel()
+        notifier.close()
+        log.info("daemon.stopped")
+
+    async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("daemon.stopping", signal=signal.Signals(signum).name)
-                break
-        await engine.stop_all()
-        tg.cancel_scope.cancel()
-    log.info("daemon.stopped")
+                self.shutdown_requested.set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,14 +228,31 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dynsupd: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    configure_logging(settings.log_format)
+    sender, journal = open_journal()
+    # Under systemd, stderr already goes to the journal (JOURNAL_STREAM is set):
+    # sending events natively as well would store each one twice.
+    own_events = None if os.environ.get("JOURNAL_STREAM") else sender
+    configure_logging(settings.log_format, journal=own_events)
+    if sender is None:
+        log.warning("journal.unavailable", reason="no journald socket; unit output stays in memory")
     try:
         specs = load_specs(settings)
     except UnitErrors as exc:
         print(f"dynsupd: invalid units, nothing started:\n{exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    try:
+        access = AccessPolicy.from_groups(
+            settings.config.socket_group, settings.config.readonly_group
+        )
+    except ValueError as exc:
+        print(f"dynsupd: {settings.config.source}: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    anyio.run(serve, settings, specs)
+    try:
+        anyio.run(Daemon(settings, specs, access).serve, journal)
+    except AlreadyRunning as exc:
+        print(f"dynsupd: {exc}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
     return EXIT_OK
 
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+pytest_plugins = ["tests.journald_fixture"]
+
 MARK = "DYNSUP_TEST_SESSION"
 os.environ.setdefault(MARK, uuid.uuid4().hex)
 

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from tests.journald_fixture import Journald
 
 # The journald fixtures, wherever else they are registered (a conftest's win).
-pytest_plugins = ["tests.journald_fixture"]
 
 
 def unique(prefix: str = "dynsup-test") -> str:

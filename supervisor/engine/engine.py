@@ -181,8 +181,17 @@ class Engine:
         await self._stop_many({name, *self._dependents_closure(name)})
 
     async def restart(self, name: str) -> UnitStatus:
-        await self._stop_many({name})
+        """Stop and start again; units that require it and were running follow it."""
+        dependents = await self.stop_for_restart(name)
+        for dependent in dependents:
+            self.start_nowait(dependent)
         return await self.start(name)
+
+    async def stop_for_restart(self, name: str) -> list[str]:
+        """Stop the unit and its running dependents; return those dependents."""
+        dependents = sorted(self._dependents_closure(name))
+        await self._stop_many({name, *dependents})
+        return dependents
 
     async def stop_all(self) -> None:
         """Stop everything in reverse dependency order, independent units concurrently."""
@@ -238,6 +247,9 @@ class Engine:
         self, unit: _Unit, scope: anyio.CancelScope, finished: anyio.Event
     ) -> None:
         name = unit.spec.name
+        # The task copied its starter's context (a control request's peer, say):
+        # the unit's own events carry only the unit.
+        structlog.contextvars.clear_contextvars()
         try:
             with structlog.contextvars.bound_contextvars(unit=name), scope:
                 await self._run(unit)

@@ -91,7 +91,6 @@ class OutputHub:
             if sub.pid == chunk.pid:
                 sub.feed(chunk)
         for follower in list(self._followers.get(chunk.name, ())):
-            try:
+            # A lagging follower loses chunks; the next one's offset tells it how much.
+            with contextlib.suppress(anyio.WouldBlock):
                 follower.send.send_nowait(chunk)
-            except anyio.WouldBlock:
-                pass  # the follower lags; the next chunk's offset tells it what it missed

@@ -1,0 +1,358 @@
+"""The daemon side of every `dynsupctl` verb: arguments in, plain JSON out.
+
+Each public coroutine is a control-socket handler. Validation errors become
+`CommandError`s with a protocol code; nothing here can take the daemon down.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from . import __version__
+from .agent_api import Agent, AgentError
+from .control.protocol import CommandError
+from .control.server import Stream
+from .engine import Engine, OutputHub, ReloadPlan, State, UnitStatus, UnknownUnit
+from .engine.output import ChunkFollower
+from .process import signal_by_name
+from .statefile import DesiredState
+from .units import UnitErrors
+from .units.spec import ServiceSpec
+
+PROTOCOL_VERSION = 1
+STREAMS = ("stdout", "stderr")
+_MAX_TAIL_LINES = 100_000
+_TAIL_READ = 1 << 20
+
+# Reads the unit directories again; raises UnitErrors when any file is invalid.
+SpecSource = Callable[[], Mapping[str, ServiceSpec]]
+
+
+def unit_info(snap: UnitStatus, last_error: str | None, gpus: list[int]) -> dict[str, Any]:
+    uptime = None
+    if snap.state is State.RUNNING and snap.started_at is not None:
+        uptime = max(0.0, time.time() - snap.started_at)
+    return {
+        "name": snap.name,
+        "state": snap.state.value,
+        "description": snap.description,
+        "pid": snap.pid,
+        "node": snap.node,
+        "gpus": gpus,
+        "uptime": uptime,
+        "since": snap.since,
+        "exit_status": snap.exit_status,
+        "reason": snap.reason,
+        "restarts": snap.restarts,
+        "last_error": last_error,
+        "wanted": snap.wanted,
+    }
+
+
+def plan_result(plan: ReloadPlan) -> dict[str, Any]:
+    return {
+        "added": list(plan.added),
+        "changed": {name: list(fields) for name, fields in plan.changed.items()},
+        "removed": list(plan.removed),
+    }
+
+
+def _str_list(args: Mapping[str, Any], key: str) -> list[str]:
+    value = args.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CommandError("BAD_ARGUMENTS", f"'{key}' must be a list of unit names")
+    return value
+
+
+def _bool(args: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = args.get(key, default)
+    if not isinstance(value, bool):
+        raise CommandError("BAD_ARGUMENTS", f"'{key}' must be true or false")
+    return value
+
+
+class Commands:
+    def __init__(
+        self,
+        engine: Engine,
+        agent: Agent,
+        hub: OutputHub,
+        *,
+        reread: SpecSource,
+        desired: DesiredState,
+        request_shutdown: Callable[[], None],
+        gpus_of: Callable[[str], list[int]] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._agent = agent
+        self._hub = hub
+        self._reread = reread
+        self._desired = desired
+        self._request_shutdown = request_shutdown
+        self._gpus_of = gpus_of or (lambda name: [])
+        self._shutting_down = False
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {
+            "status": self.status,
+            "start": self.start,
+            "stop": self.stop,
+            "restart": self.restart,
+            "signal": self.signal,
+            "pid": self.pid,
+            "tail": self.tail,
+            "reread": self.reread,
+            "update": self.update,
+            "avail": self.avail,
+            "shutdown": self.shutdown,
+            "version": self.version,
+        }
+
+    READ_ONLY = frozenset({"status", "pid", "tail", "reread", "avail", "version", "gpus"})
+
+    # -- names ---------------------------------------------------------------
+
+    def _select(self, args: Mapping[str, Any], *, empty_means_all: bool) -> list[str]:
+        names = _str_list(args, "names")
+        known = self._engine.names()
+        if not names:
+            if empty_means_all:
+                return known
+            raise CommandError("BAD_ARGUMENTS", "name at least one unit, or 'all'")
+        if names == ["all"]:
+            return known
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise CommandError("BAD_NAME", f"no such unit: {', '.join(unknown)}", details=unknown)
+        return names
+
+    async def _info(self, name: str) -> dict[str, Any]:
+        snap = self._engine.statistics([name])[0]
+        return unit_info(snap, await self._last_error(name), self._gpus_of(name))
+
+    async def _last_error(self, name: str) -> str | None:
+        try:
+            read = await self._agent.tail_log(name, "stderr", 1)
+        except AgentError:
+            return None
+        line = read.data.decode("utf-8", "replace").strip()
+        return line[-200:] or None
+
+    # -- read verbs ----------------------------------------------------------
+
+    async def status(self, args: dict[str, Any]) -> dict[str, Any]:
+        names = self._select(args, empty_means_all=True)
+        return await self._units(names)
+
+    async def pid(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = args.get("name")
+        if name is None:
+            return {"pid": os.getpid()}
+        if not isinstance(name, str):
+            raise CommandError("BAD_ARGUMENTS", "'name' must be a unit name")
+        try:
+            snap = self._engine.statistics([name])[0]
+        except UnknownUnit:
+            raise CommandError("BAD_NAME", f"no such unit: {name}", details=[name]) from None
+        return {"pid": snap.pid}
+
+    async def avail(self, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            specs = dict(self._reread())
+        except UnitErrors:
+            specs = {}
+        loaded = self._engine.specs
+        names = sorted(set(specs) | set(loaded))
+        return {
+            "units": [
+                {
+                    "name": name,
+                    "in_use": name in loaded,
+                    "autostart": (specs.get(name) or loaded[name]).autostart,
+                    "kind": "service",
+                }
+                for name in names
+            ]
+        }
+
+    async def version(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"version": __version__, "protocol": PROTOCOL_VERSION}
+
+    async def tail(self, args: dict[str, Any]) -> dict[str, Any] | Stream:
+        """The last lines of a unit's stream; with follow, then everything it prints."""
+        name = args.get("name")
+        stream = args.get("stream", "stdout")
+        lines = args.get("lines", 10)
+        follow = _bool(args, "follow", False)
+        if not isinstance(name, str) or name not in self._engine.names():
+            raise CommandError("BAD_NAME", f"no such unit: {name}", details=[str(name)])
+        if stream not in STREAMS:
+            raise CommandError("BAD_ARGUMENTS", "'stream' must be 'stdout' or 'stderr'")
+        if (
+            not isinstance(lines, int)
+            or isinstance(lines, bool)
+            or not (0 <= lines <= _MAX_TAIL_LINES)
+        ):
+            raise CommandError("BAD_ARGUMENTS", f"'lines' must be 0..{_MAX_TAIL_LINES}")
+        # Follow before reading, so nothing printed in between is lost.
+        follower = self._hub.follow(name) if follow else None
+        try:
+            first = await self._agent.tail_log(name, stream, lines)
+        except BaseException:
+            if follower is not None:
+                follower.close()
+            raise
+        first_event = {"data": first.data.decode("utf-8", "replace"), "missed": 0}
+        if follower is None:
+            return first_event
+        return Stream(self._follow(follower, stream, first.end, first_event))
+
+    @staticmethod
+    async def _follow(
+        follower: ChunkFollower, stream: str, position: int, first: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        try:
+            yield first
+            async for chunk in follower.receive:
+                if chunk.stream != stream:
+                    continue
+                end = chunk.offset + len(chunk.data)
+                if end <= position:
+                    continue  # already sent with the first read
+                missed = max(0, chunk.offset - position)
+                data = chunk.data[max(0, position - chunk.offset) :]
+                position = end
+                yield {"data": data.decode("utf-8", "replace"), "missed": missed}
+        finally:
+            follower.close()
+
+    # -- write verbs ---------------------------------------------------------
+
+    def _remember(self, name: str, wanted: bool) -> None:
+        spec = self._engine.specs.get(name)
+        if spec is not None:
+            self._desired.set(name, wanted, spec.autostart)
+
+    async def start(self, args: dict[str, Any]) -> dict[str, Any] | Stream:
+        return await self._start(args, restart=False)
+
+    async def restart(self, args: dict[str, Any]) -> dict[str, Any] | Stream:
+        return await self._start(args, restart=True)
+
+    async def _start(self, args: dict[str, Any], *, restart: bool) -> dict[str, Any] | Stream:
+        names = self._select(args, empty_means_all=False)
+        wait = _bool(args, "wait", True)
+        self._check_running()
+        for name in names:
+            self._remember(name, True)
+        followers: list[str] = []
+        if restart:
+
+            async def stop_one(name: str) -> None:
+                followers.extend(await self._engine.stop_for_restart(name))
+
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(stop_one, name)
+        # Subscribe before starting, so no transition is missed by the watcher.
+        changes = self._engine.subscribe()
+        for name in [*names, *followers]:
+            self._engine.start_nowait(name)
+        if not wait:
+            changes.close()
+            return await self._units(names)
+        return Stream(self._watch_start(changes, names), final=lambda: self._units(names))
+
+    async def _watch_start(
+        self, changes: MemoryObjectReceiveStream[UnitStatus], names: list[str]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Progress snapshots while the units start, until each has settled."""
+        with changes:
+            pending = {s.name for s in self._engine.statistics(names) if not _settled(s)}
+            async for snap in changes:
+                if snap.name not in names:
+                    continue
+                yield await self._info(snap.name)
+                if _settled(snap):
+                    pending.discard(snap.name)
+                if not pending:
+                    return
+
+    async def _units(self, names: list[str]) -> dict[str, Any]:
+        return {"units": [await self._info(name) for name in names]}
+
+    async def stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        names = self._select(args, empty_means_all=False)
+        for name in names:
+            self._remember(name, False)
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(self._engine.stop, name)
+        return await self._units(names)
+
+    async def signal(self, args: dict[str, Any]) -> dict[str, Any]:
+        names = self._select(args, empty_means_all=False)
+        sig = args.get("signal")
+        try:
+            signum = signal_by_name(sig)  # type: ignore[arg-type]
+        except (KeyError, ValueError, AttributeError, TypeError):
+            raise CommandError("BAD_ARGUMENTS", f"not a signal: {sig!r}") from None
+        signalled, not_running = [], []
+        for name in names:
+            try:
+                await self._engine.send_signal(name, signum.name)
+                signalled.append(name)
+            except AgentError:
+                not_running.append(name)
+        return {"signalled": signalled, "not_running": not_running}
+
+    async def reread(self, args: dict[str, Any]) -> dict[str, Any]:
+        return plan_result(self._engine.plan(self._read_specs()))
+
+    async def update(self, args: dict[str, Any]) -> dict[str, Any]:
+        dry_run = _bool(args, "dry_run", False)
+        wanted = _str_list(args, "names")
+        new_specs = dict(self._read_specs())
+        if wanted:
+            # Only the named units move; the others keep their current spec.
+            current = self._engine.specs
+            for name in set(current) | set(new_specs):
+                if name not in wanted:
+                    if name in current:
+                        new_specs[name] = current[name]
+                    else:
+                        new_specs.pop(name, None)
+        if dry_run:
+            return {**plan_result(self._engine.plan(new_specs)), "applied": False}
+        self._check_running()
+        plan = await self._engine.apply(new_specs)
+        self._desired.forget_except(set(new_specs))
+        return {**plan_result(plan), "applied": True}
+
+    def _read_specs(self) -> Mapping[str, ServiceSpec]:
+        try:
+            return self._reread()
+        except UnitErrors as exc:
+            errors = [str(e) for e in exc.errors]
+            raise CommandError(
+                "BAD_CONFIG", f"{len(errors)} error(s) in the unit files", details=errors
+            ) from None
+
+    async def shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._shutting_down = True
+        self._request_shutdown()
+        return {"shutting_down": True}
+
+    def _check_running(self) -> None:
+        if self._shutting_down:
+            raise CommandError("SHUTTING_DOWN", "dynsupd is shutting down")
+
+
+def _settled(snap: UnitStatus) -> bool:
+    return snap.state in (State.RUNNING, State.EXITED, State.FATAL, State.STOPPED)

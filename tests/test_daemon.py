@@ -1,0 +1,99 @@
+"""dynsupd as a whole process: refuses bad units, stops everything in order on SIGTERM."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from .daemon_helpers import DYNSUPD, py_command, run_dynsupd, write_unit
+
+FIXTURES = Path(__file__).parent / "fixtures" / "units"
+
+
+def test_bad_units_exit_2_and_spawn_nothing(tmp_path: Path) -> None:
+    units = tmp_path / "units"
+    shutil.copytree(FIXTURES / "many_bad", units)
+    marker = tmp_path / "spawned"
+    # A valid unit beside the bad ones: it must not be started either.
+    write_unit(
+        units,
+        "witness",
+        f"""
+        [service]
+        command = {py_command(f"open({str(marker)!r}, 'w').close()")}
+    """,
+    )
+    done = subprocess.run(
+        [
+            DYNSUPD,
+            "--socket",
+            str(tmp_path / "s.sock"),
+            "--state-dir",
+            str(tmp_path / "st"),
+            str(units),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    header = lines.index("dynsupd: invalid units, nothing started:")
+    errors = lines[header + 1 :]
+    assert len(errors) >= 4
+    assert all(".toml" in line for line in errors)  # every error names its file
+    assert not marker.exists()
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_bad_daemon_config_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "dynsupd.toml"
+    config.write_text('[daemon]\nlog_fromat = "json"\n')
+    done = subprocess.run(
+        [DYNSUPD, "--config", str(config), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "daemon.log_fromat: unknown key" in done.stderr and str(config) in done.stderr
+
+
+def test_sigterm_stops_dependents_first_and_exits_0(tmp_path: Path) -> None:
+    units = tmp_path / "units"
+    write_unit(
+        units,
+        "a",
+        f"""
+        [service]
+        command = {
+            py_command('''
+            import time
+            time.sleep(0.3)
+            print("a ready", flush=True)
+            time.sleep(600)
+        ''')
+        }
+        [ready]
+        log = "a ready"
+    """,
+    )
+    write_unit(
+        units,
+        "b",
+        f"""
+        [unit]
+        requires = ["a"]
+        [service]
+        command = {py_command("import time; time.sleep(600)")}
+        start_seconds = 0.2
+    """,
+    )
+    with run_dynsupd(tmp_path, units) as daemon:
+        daemon.wait_state("b", "RUNNING")
+        rc = daemon.stop()
+        assert rc == 0
+        events = [(e["unit"], e["new"]) for e in daemon.events() if e.get("event") == "unit.state"]
+    assert events.index(("a", "RUNNING")) < events.index(("b", "STARTING"))
+    assert events.index(("b", "STOPPED")) < events.index(("a", "STOPPING"))
