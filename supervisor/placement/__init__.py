@@ -1,0 +1,82 @@
+"""GPUs through Ray: layouts, the cluster connection, placement groups.
+
+* ``layout`` (pure): the bundle layout of one replica, the over-commit
+  check of a unit set, group names.
+* ``ray_cluster``: start an embedded Ray or join one (``open_ray`` from
+  async code); list its nodes.
+* ``groups``: reserve a detached named group per replica, read its GPU
+  ids with a probe task, find it again after a daemon restart, release it.
+
+Nothing here imports Ray at module level; importing this package is cheap.
+
+Errors, all under ``PlacementError``:
+
+* ``LayoutError``: one replica's GPUs fit no node and no even split.
+* ``OverCommitError``: a unit set asks for more than the cluster holds
+  (``.asked`` per unit, ``.capacity`` per node).
+* ``RayConnectError``: Ray could not be started or joined.
+* ``ReservationTimeout``: a group was not placed in time (and was removed).
+* ``GroupExists``: the group name is taken in this namespace.
+* ``GroupLost``: the group was removed while in use.
+"""
+
+from .groups import (
+    BundleGpus,
+    GroupExists,
+    GroupInfo,
+    GroupLost,
+    Reservation,
+    ReservationTimeout,
+    find,
+    gpu_ids,
+    list_groups,
+    release,
+    reserve,
+    wait_ready,
+)
+from .layout import (
+    GpuRequest,
+    Layout,
+    LayoutError,
+    OverCommitError,
+    PlacementError,
+    Strategy,
+    check_fits,
+    group_name,
+    group_prefix,
+    parse_group_name,
+    plan_layout,
+)
+from .ray_cluster import NodeInfo, RayConnectError, RayHandle, connect, namespace_for, open_ray
+
+__all__ = [
+    "BundleGpus",
+    "GpuRequest",
+    "GroupExists",
+    "GroupInfo",
+    "GroupLost",
+    "Layout",
+    "LayoutError",
+    "NodeInfo",
+    "OverCommitError",
+    "PlacementError",
+    "RayConnectError",
+    "RayHandle",
+    "Reservation",
+    "ReservationTimeout",
+    "Strategy",
+    "check_fits",
+    "connect",
+    "find",
+    "gpu_ids",
+    "group_name",
+    "group_prefix",
+    "list_groups",
+    "namespace_for",
+    "open_ray",
+    "parse_group_name",
+    "plan_layout",
+    "release",
+    "reserve",
+    "wait_ready",
+]
