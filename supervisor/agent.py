@@ -16,16 +16,49 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 import anyio
+import psutil
 import structlog
 from anyio.abc import TaskGroup
 
-from .agent_api import ChunkBatch, ExitStatus, LogRead, NotRunning, Spawned
+from .agent_api import ChunkBatch, ExitStatus, LogRead, NotRunning, PortBusy, Spawned
 from .logs import LogStore
 from .process import ProcessGroup, become_subreaper, signal_by_name
 
 log = structlog.get_logger("dynsup.agent")
 
 _READ_SIZE = 65536
+
+
+def inherited_env(unset: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """This node's environment without the unset names ("DYN_*" is a prefix)."""
+    prefixes = tuple(p[:-1] for p in unset if p.endswith("*"))
+    exact = {p for p in unset if not p.endswith("*")}
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key not in exact and not (prefixes and key.startswith(prefixes))
+    }
+
+
+def port_holder(port: int) -> str | None:
+    """None when port is free to bind (TCP, any address), else who holds it."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind(("0.0.0.0", port))
+    except OSError:
+        pass
+    else:
+        return None
+    finally:
+        probe.close()
+    try:
+        for conn in psutil.net_connections("tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+                return f"pid {conn.pid}" if conn.pid else "another process"
+    except psutil.Error:
+        pass
+    return "another process"
 
 
 @dataclass
@@ -79,11 +112,18 @@ class LocalAgent:
         cwd: str | None,
         stop_signal: str = "SIGTERM",
         stop_timeout: float = 10.0,
+        unset_env: list[str] | None = None,
+        ports: list[int] | None = None,
     ) -> Spawned:
         previous = self._hosted.get(name)
         if previous is not None and not previous.done.is_set():
             raise RuntimeError(f"{name} is already running (pid {previous.group.pid})")
-        group = ProcessGroup.spawn(name, argv, env, cwd)
+        for port in ports or ():
+            holder = port_holder(port)
+            if holder is not None:
+                raise PortBusy(f"{name}: port {port} is already in use on {self.node} ({holder})")
+        full_env = {**inherited_env(unset_env or ()), **env}
+        group = ProcessGroup.spawn(name, argv, full_env, cwd)
         hosted = _Hosted(group, stop_signal, stop_timeout)
         self._hosted[name] = hosted
         assert self._tg is not None, "agent used outside its context"

@@ -21,6 +21,10 @@ class SpawnError(AgentError):
     """The program could not be started (missing binary, bad cwd, ...)."""
 
 
+class PortBusy(SpawnError):
+    """A port the program needs is in use on its node: a failed start, retried by policy."""
+
+
 class NotRunning(AgentError):
     """No process of that name is hosted here."""
 
@@ -39,14 +43,17 @@ class Spawned:
 class ExitStatus:
     code: int | None  # exit code, or None when killed by a signal
     signal: str | None  # "SIGKILL", ...
+    error: str | None = None  # never ran: why (a port in use, say)
 
     def describe(self) -> str:
+        if self.error is not None:
+            return self.error
         if self.signal is not None:
             return f"terminated by {self.signal}"
         return f"exit status {self.code}"
 
     def is_success(self, success_codes: tuple[int, ...]) -> bool:
-        return self.signal is None and self.code in success_codes
+        return self.error is None and self.signal is None and self.code in success_codes
 
 
 @dataclass(frozen=True)
@@ -85,9 +92,14 @@ class Agent(Protocol):
         cwd: str | None,
         stop_signal: str = "SIGTERM",
         stop_timeout: float = 10.0,
+        unset_env: list[str] | None = None,
+        ports: list[int] | None = None,
     ) -> Spawned:
-        """Start a process group. stop_signal/stop_timeout also apply to what the
-        leader leaves behind when it exits by itself."""
+        """Start a process group with the node's environment, minus unset_env, plus env.
+
+        stop_signal/stop_timeout also apply to what the leader leaves behind
+        when it exits by itself. Raises PortBusy when one of ports is taken.
+        """
         ...
 
     async def wait_exit(self, name: str) -> ExitStatus:

@@ -341,7 +341,7 @@ SCENARIOS = [
         "dynamo",
         "a unit has one kind, but this file has [service] and [dynamo]",
     ),
-    Case("model_kind", "model-kind.toml", "model", "[model] units are not supported yet"),
+    Case("model_kind", "model-kind.toml", "model.engine", 'expected one of "vllm", "mocker"'),
     Case("bad_name", "bad+name.toml", "", 'invalid unit name "bad+name"'),
     Case(
         "autostart_not_bool",

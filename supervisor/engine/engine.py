@@ -23,19 +23,17 @@ import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..agent_api import Agent, AgentError, ExitStatus, Spawned, SpawnError
+from ..agent_api import Agent, AgentError, ExitStatus, PortBusy, Spawned, SpawnError
 from ..probes import wait_ready
 from ..units.spec import ProbeKind, ServiceSpec
 from .output import LineSubscription, OutputHub
+from .placement import Placement, PlacementFailed, Placer, SingleAgent
 from .policy import StartLimiter, backoff_delay, healthy_after, should_restart
 from .reload import ReloadPlan, diff_specs
 from .states import ACTIVE_STATES, State, check_transition
 
 log = structlog.get_logger("dynsup.engine")
 
-# What a spawn needs besides the spec: rendered argv/env (placeholders such
-# as GPU ids or ranks are filled in by whoever builds the engine).
-SpawnHook = Callable[[ServiceSpec], Mapping[str, str]]
 
 
 class UnknownUnit(KeyError):
@@ -57,6 +55,7 @@ class UnitStatus:
     reason: str  # why the last transition happened
     restarts: int
     wanted: bool
+    gpus: tuple[str, ...] = ()
 
 
 @dataclass
@@ -75,6 +74,7 @@ class _Unit:
     scope: anyio.CancelScope | None = None
     finished: anyio.Event | None = None
     process_alive: bool = False
+    placement: Placement | None = None
 
     @property
     def active(self) -> bool:
@@ -92,14 +92,17 @@ class Engine:
 
     def __init__(
         self,
-        agent: Agent,
+        agent: Agent | None = None,
         output: OutputHub | None = None,
         *,
-        env_for: SpawnHook | None = None,
+        placer: Placer | None = None,
     ) -> None:
-        self._agent = agent
+        if placer is None:
+            if agent is None:
+                raise TypeError("an Engine needs an agent or a placer")
+            placer = SingleAgent(agent)
+        self._placer = placer
         self._output = output or OutputHub()
-        self._env_for = env_for
         self._units: dict[str, _Unit] = {}
         self._tg: TaskGroup | None = None
         self._subscribers: list[MemoryObjectSendStream[UnitStatus]] = []
@@ -199,9 +202,9 @@ class Engine:
 
     async def send_signal(self, name: str, sig: str) -> None:
         unit = self._get(name)
-        if not unit.process_alive:
+        if not unit.process_alive or unit.placement is None:
             raise AgentError(f"{name} is not running")
-        await self._agent.send_signal(name, sig)
+        await unit.placement.agent.send_signal(name, sig)
 
     # -- reload --------------------------------------------------------------
 
@@ -261,16 +264,26 @@ class Engine:
     async def _run(self, unit: _Unit) -> None:
         spec = unit.spec
         await self._wait_requirements(unit)
+        try:
+            unit.placement = await self._placer.place(spec)
+        except PlacementFailed as exc:
+            self._set_state(unit, State.FATAL, reason=str(exc))
+            return
         limiter = StartLimiter(spec.start_limit_burst, spec.start_limit_interval)
         limiter.allow(anyio.current_time())  # the first start always goes ahead
         failures = 0
         while True:
             try:
                 spawned = await self._spawn(unit)
+            except PortBusy as exc:
+                # Often the previous holder is still going away: a failed start.
+                log.warning("unit.port_busy", error=str(exc))
+                status, up_for = ExitStatus(code=None, signal=None, error=str(exc)), 0.0
             except SpawnError as exc:
                 self._set_state(unit, State.FATAL, reason=str(exc))
                 return
-            status, up_for = await self._supervise(unit, spawned)
+            else:
+                status, up_for = await self._supervise(unit, spawned)
             if up_for >= healthy_after(spec):
                 failures = 0
             if not should_restart(spec.restart, status, spec.success_exit_codes):
@@ -305,14 +318,16 @@ class Engine:
 
     async def _spawn(self, unit: _Unit) -> Spawned:
         spec = unit.spec
-        env = dict(self._env_for(spec)) if self._env_for else spec.env
-        spawned = await self._agent.spawn(
+        assert unit.placement is not None
+        spawned = await unit.placement.agent.spawn(
             spec.name,
             list(spec.command),
-            env,
+            {**spec.env, **unit.placement.env},
             spec.working_directory,
             spec.stop_signal.name,
             spec.stop_timeout,
+            unset_env=list(spec.unset_env),
+            ports=list(spec.ports),
         )
         unit.pid, unit.node, unit.started_at = spawned.pid, spawned.node, time.time()
         unit.process_alive = True
@@ -339,7 +354,9 @@ class Engine:
                 timeout = spec.ready.timeout if spec.ready else spec.start_seconds
                 unit.reason = f"not ready within {timeout:g}s"
                 log.warning("unit.not_ready", pid=spawned.pid, timeout=timeout)
-                await self._agent.stop(spec.name, spec.stop_signal.name, spec.stop_timeout)
+                await self._agent_of(unit).stop(
+                    spec.name, spec.stop_signal.name, spec.stop_timeout
+                )
             await box.exited.wait()
         assert box.status is not None
         up_for = 0.0 if ready_at is None else anyio.current_time() - ready_at
@@ -347,7 +364,7 @@ class Engine:
 
     async def _watch_exit(self, unit: _Unit, box: _ExitBox) -> None:
         try:
-            status = await self._agent.wait_exit(unit.spec.name)
+            status = await self._agent_of(unit).wait_exit(unit.spec.name)
         except AgentError as exc:
             log.error("unit.agent_lost", error=str(exc))
             status = ExitStatus(code=None, signal="AGENT_LOST")
@@ -384,13 +401,21 @@ class Engine:
         if unit.process_alive:
             self._set_state(unit, State.STOPPING, reason="stop requested")
             try:
-                status = await self._agent.stop(spec.name, spec.stop_signal.name, spec.stop_timeout)
+                status = await self._agent_of(unit).stop(
+                    spec.name, spec.stop_signal.name, spec.stop_timeout
+                )
             except AgentError as exc:
                 log.error("unit.stop_failed", error=str(exc))
                 status = None
             unit.process_alive = False
             if status is not None:
                 unit.exit_status = status.describe()
+        if unit.placement is not None:
+            try:
+                await self._placer.release(spec)
+            except PlacementFailed as exc:
+                log.error("unit.release_failed", error=str(exc))
+            unit.placement = None
         if unit.state not in (State.EXITED, State.FATAL, State.STOPPED):
             self._set_state(unit, State.STOPPED, reason="stopped")
 
@@ -482,7 +507,13 @@ class Engine:
             reason=unit.reason,
             restarts=unit.restarts,
             wanted=unit.wanted,
+            gpus=unit.placement.gpus if unit.placement else (),
         )
+
+    @staticmethod
+    def _agent_of(unit: _Unit) -> Agent:
+        assert unit.placement is not None, "a process runs only after placement"
+        return unit.placement.agent
 
     def _get(self, name: str) -> _Unit:
         try:

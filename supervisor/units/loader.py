@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +38,7 @@ from .errors import (
 )
 from .service import SERVICE_TABLES, parse_service, section
 from .spec import ServiceSpec
+from .stack import parse_model, parse_stack
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,11 +61,27 @@ class KindParser(Protocol):
         document: Mapping[str, Any],
         problems: Problems,
         context: Mapping[str, str] | None,
-    ) -> ServiceSpec: ...
+    ) -> Any: ...
+
+
+class Expander(Protocol):
+    """Turns model units and stack settings into services (the `dynamo` room does).
+
+    Gets the services read from files and every other spec by kind; returns
+    the complete set of services and the problems found (naming files).
+    """
+
+    def __call__(
+        self, services: dict[str, ServiceSpec], others: dict[str, list[Any]]
+    ) -> tuple[dict[str, ServiceSpec], list[UnitError]]: ...
 
 
 KINDS = ("service", "model", "dynamo")
-KIND_PARSERS: dict[str, KindParser] = {"service": parse_service}
+KIND_PARSERS: dict[str, KindParser] = {
+    "service": parse_service,
+    "model": parse_model,
+    "dynamo": parse_stack,
+}
 # Every top-level table any kind may use; a kind's parser checks which of
 # them make sense for it.
 TOP_LEVEL_TABLES = ("unit", *KINDS, *SERVICE_TABLES)
@@ -80,16 +97,21 @@ class _Parsed:
     name: str
     file: str
     requires: tuple[str, ...]
-    spec: ServiceSpec | None  # None when the file has problems
+    spec: Any  # a ServiceSpec, ModelSpec or StackSpec; None when the file has problems
 
 
 def load_units(
-    dirs: Sequence[str | Path], *, context: Mapping[str, str] | None = None
+    dirs: Sequence[str | Path],
+    *,
+    context: Mapping[str, str] | None = None,
+    expand: Expander | None = None,
 ) -> dict[str, ServiceSpec]:
     """Specs of every ``*.toml`` unit in ``dirs``, keyed by unit name.
 
     ``context`` fills placeholders such as ``{state_dir}`` (None: leave them).
-    Raises :class:`UnitErrors` with every problem found, if there is any.
+    ``expand`` turns ``[model]``/``[dynamo]`` units into services; without
+    it such units are an error. Raises :class:`UnitErrors` with every
+    problem found, if there is any.
     """
     errors: list[UnitError] = []
     files = _find_files(dirs, errors)
@@ -99,10 +121,33 @@ def load_units(
         one, problems = _parse_file(path, context)
         parsed.append(one)
         errors.extend(problems)
+    services = {
+        one.name: one.spec for one in parsed if isinstance(one.spec, ServiceSpec)
+    }
+    others: dict[str, list[Any]] = {}
+    for one in parsed:
+        if one.spec is not None and not isinstance(one.spec, ServiceSpec):
+            others.setdefault(type(one.spec).__name__, []).append(one.spec)
+    if others and expand is None:
+        for one in parsed:
+            if one.spec is not None and not isinstance(one.spec, ServiceSpec):
+                errors.append(UnitError(one.file, "", "[model] and [dynamo] units need dynsupd"))
+    elif expand is not None and not errors:
+        services, expand_errors = expand(services, others)
+        errors.extend(expand_errors)
+        # Implicit units (etcd, frontend, workers) take part in the checks too.
+        parsed = [
+            *(one for one in parsed if isinstance(one.spec, ServiceSpec) or one.spec is None),
+            *(
+                _Parsed(name, spec.source, spec.requires, spec)
+                for name, spec in services.items()
+                if name not in {one.name for one in parsed}
+            ),
+        ]
     errors.extend(_check_requires(parsed))
     if errors:
         raise UnitErrors(errors)
-    return {one.name: one.spec for one in sorted(parsed, key=lambda p: p.name) if one.spec}
+    return dict(sorted(services.items()))
 
 
 def load_unit_file(path: str | Path, *, context: Mapping[str, str] | None = None) -> ServiceSpec:
@@ -205,7 +250,11 @@ def _parse_file(path: Path, context: Mapping[str, str] | None) -> tuple[_Parsed,
     spec = _parse_kind(name, document, problems, context)
     if spec is None or problems.errors:
         return _Parsed(name, str(path), requires, None), problems.errors
-    return _Parsed(name, str(path), requires, replace(spec, **header)), []
+    # [unit] applies to every kind that has its fields (stack settings: source only).
+    own = {f.name for f in fields(spec)}
+    return _Parsed(name, str(path), requires, replace(spec, **{
+        key: value for key, value in header.items() if key in own
+    })), []
 
 
 def _read_toml(path: Path, problems: Problems) -> dict[str, Any] | None:
@@ -244,7 +293,7 @@ def _parse_kind(
     document: Mapping[str, Any],
     problems: Problems,
     context: Mapping[str, str] | None,
-) -> ServiceSpec | None:
+) -> Any:
     kinds = [kind for kind in KINDS if kind in document]
     if not kinds:
         tables = " or ".join(f"[{kind}]" for kind in KINDS)

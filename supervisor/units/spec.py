@@ -58,6 +58,11 @@ class ServiceSpec:
     start_seconds: float = 1.0
     ready: ReadySpec | None = None
     gpus: int = 0
+    # Inherited variables to drop ("DYN_*" drops a prefix): a stack sets exactly
+    # what it needs, and a stray NATS_SERVER in the daemon's environment must not leak in.
+    unset_env: tuple[str, ...] = ()
+    # Ports the program will bind: checked free on its node before each spawn.
+    ports: tuple[int, ...] = ()
     # Where the spec came from; not part of its identity, so moving a file
     # or expanding the same model twice does not count as a change.
     source: str = field(default="", compare=False)
