@@ -66,6 +66,7 @@ class _Hosted:
     group: ProcessGroup
     stop_signal: str
     stop_timeout: float
+    tag: str
     done: anyio.Event = field(default_factory=anyio.Event)
     status: ExitStatus | None = None
 
@@ -114,6 +115,7 @@ class LocalAgent:
         stop_timeout: float = 10.0,
         unset_env: list[str] | None = None,
         ports: list[int] | None = None,
+        tag: str = "",
     ) -> Spawned:
         previous = self._hosted.get(name)
         if previous is not None and not previous.done.is_set():
@@ -124,19 +126,23 @@ class LocalAgent:
                 raise PortBusy(f"{name}: port {port} is already in use on {self.node} ({holder})")
         full_env = {**inherited_env(unset_env or ()), **env}
         group = ProcessGroup.spawn(name, argv, full_env, cwd)
-        hosted = _Hosted(group, stop_signal, stop_timeout)
+        hosted = _Hosted(group, stop_signal, stop_timeout, tag)
         self._hosted[name] = hosted
         assert self._tg is not None, "agent used outside its context"
         self._tg.start_soon(self._pump, group, group.stdout_fd, "stdout")
         self._tg.start_soon(self._pump, group, group.stderr_fd, "stderr")
         self._tg.start_soon(self._watch, hosted)
+        return self._spawned(name, hosted)
+
+    def _spawned(self, name: str, hosted: _Hosted) -> Spawned:
         return Spawned(
             name=name,
-            pid=group.pid,
-            pgid=group.pgid,
-            start_time=group.start_time,
+            pid=hosted.group.pid,
+            pgid=hosted.group.pgid,
+            start_time=hosted.group.start_time,
             node=self.node,
-            token=group.token,
+            token=hosted.group.token,
+            tag=hosted.tag,
         )
 
     async def wait_exit(self, name: str) -> ExitStatus:
@@ -173,18 +179,7 @@ class LocalAgent:
         return ChunkBatch(chunks=chunks, cursor=new_cursor, lost=lost)
 
     async def running(self) -> list[Spawned]:
-        return [
-            Spawned(
-                name=name,
-                pid=h.group.pid,
-                pgid=h.group.pgid,
-                start_time=h.group.start_time,
-                node=self.node,
-                token=h.group.token,
-            )
-            for name, h in self._hosted.items()
-            if not h.done.is_set()
-        ]
+        return [self._spawned(name, h) for name, h in self._hosted.items() if not h.done.is_set()]
 
     # -- internals -----------------------------------------------------------
 

@@ -37,6 +37,7 @@ class Spawned:
     start_time: float  # the kernel's start time (psutil create_time), to tell a reused pid
     node: str
     token: str  # DYNSUP_TOKEN in the child's environment: finds escapees
+    tag: str = ""  # the engine's fingerprint of the spec, to adopt after a daemon restart
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Agent(Protocol):
         stop_timeout: float = 10.0,
         unset_env: list[str] | None = None,
         ports: list[int] | None = None,
+        tag: str = "",
     ) -> Spawned:
         """Start a process group with the node's environment, minus unset_env, plus env.
 

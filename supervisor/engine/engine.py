@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 
 import anyio
@@ -29,7 +29,7 @@ from ..units.spec import ProbeKind, ServiceSpec
 from .output import LineSubscription, OutputHub
 from .placement import Placement, PlacementFailed, Placer, SingleAgent
 from .policy import StartLimiter, backoff_delay, healthy_after, should_restart
-from .reload import ReloadPlan, diff_specs
+from .reload import ReloadPlan, diff_specs, fingerprint
 from .states import ACTIVE_STATES, State, check_transition
 
 log = structlog.get_logger("dynsup.engine")
@@ -167,6 +167,13 @@ class Engine:
             if unit.spec.autostart:
                 self.start_nowait(name)
 
+    def adopt(self, name: str, placement: Placement, spawned: Spawned) -> None:
+        """Take over a process a previous daemon started (same spec): no respawn."""
+        unit = self._get(name)
+        if unit.active:
+            raise RuntimeError(f"{name} is already supervised")
+        self._launch(unit, adopted=(placement, spawned))
+
     def start_nowait(self, name: str) -> None:
         """Want the unit (and what it requires) running; returns at once."""
         for dep in self._requirements_closure(name):
@@ -235,7 +242,7 @@ class Engine:
 
     # -- the lifecycle ---------------------------------------------------------
 
-    def _launch(self, unit: _Unit) -> None:
+    def _launch(self, unit: _Unit, adopted: tuple[Placement, Spawned] | None = None) -> None:
         if unit.active:
             return
         assert self._tg is not None, "engine used outside its context"
@@ -244,10 +251,14 @@ class Engine:
         self._set_state(unit, State.PENDING, reason="start requested")
         unit.scope = anyio.CancelScope()
         unit.finished = anyio.Event()
-        self._tg.start_soon(self._lifecycle, unit, unit.scope, unit.finished)
+        self._tg.start_soon(self._lifecycle, unit, unit.scope, unit.finished, adopted)
 
     async def _lifecycle(
-        self, unit: _Unit, scope: anyio.CancelScope, finished: anyio.Event
+        self,
+        unit: _Unit,
+        scope: anyio.CancelScope,
+        finished: anyio.Event,
+        adopted: tuple[Placement, Spawned] | None,
     ) -> None:
         name = unit.spec.name
         # The task copied its starter's context (a control request's peer, say):
@@ -255,26 +266,33 @@ class Engine:
         structlog.contextvars.clear_contextvars()
         try:
             with structlog.contextvars.bound_contextvars(unit=name), scope:
-                await self._run(unit)
+                await self._run(unit, adopted)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._teardown(unit)
             finished.set()
 
-    async def _run(self, unit: _Unit) -> None:
+    async def _run(self, unit: _Unit, adopted: tuple[Placement, Spawned] | None) -> None:
         spec = unit.spec
-        await self._wait_requirements(unit)
-        try:
-            unit.placement = await self._placer.place(spec)
-        except PlacementFailed as exc:
-            self._set_state(unit, State.FATAL, reason=str(exc))
-            return
+        if adopted is None:
+            await self._wait_requirements(unit)
+            try:
+                unit.placement = await self._placer.place(spec)
+            except PlacementFailed as exc:
+                self._set_state(unit, State.FATAL, reason=str(exc))
+                return
         limiter = StartLimiter(spec.start_limit_burst, spec.start_limit_interval)
         limiter.allow(anyio.current_time())  # the first start always goes ahead
         failures = 0
         while True:
             try:
-                spawned = await self._spawn(unit)
+                took_over = adopted is not None
+                if adopted is not None:
+                    unit.placement, spawned = adopted
+                    adopted = None
+                    self._took_over(unit, spawned)
+                else:
+                    spawned = await self._spawn(unit)
             except PortBusy as exc:
                 # Often the previous holder is still going away: a failed start.
                 log.warning("unit.port_busy", error=str(exc))
@@ -283,7 +301,7 @@ class Engine:
                 self._set_state(unit, State.FATAL, reason=str(exc))
                 return
             else:
-                status, up_for = await self._supervise(unit, spawned)
+                status, up_for = await self._supervise(unit, spawned, took_over)
             if up_for >= healthy_after(spec):
                 failures = 0
             if not should_restart(spec.restart, status, spec.success_exit_codes):
@@ -328,22 +346,33 @@ class Engine:
             spec.stop_timeout,
             unset_env=list(spec.unset_env),
             ports=list(spec.ports),
+            tag=fingerprint(spec),
         )
         unit.pid, unit.node, unit.started_at = spawned.pid, spawned.node, time.time()
         unit.process_alive = True
         self._set_state(unit, State.STARTING, reason="spawned")
         return spawned
 
-    async def _supervise(self, unit: _Unit, spawned: Spawned) -> tuple[ExitStatus, float]:
+    def _took_over(self, unit: _Unit, spawned: Spawned) -> None:
+        unit.pid, unit.node, unit.started_at = spawned.pid, spawned.node, spawned.start_time
+        unit.process_alive = True
+        self._set_state(unit, State.STARTING, reason="adopted from a previous daemon")
+
+    async def _supervise(
+        self, unit: _Unit, spawned: Spawned, took_over: bool = False
+    ) -> tuple[ExitStatus, float]:
         """Wait ready (or exit first), then exit. Returns the status and time spent RUNNING."""
         spec = unit.spec
         box = _ExitBox()
         ready_at: float | None = None
+        if took_over and _is_log_probe(spec):
+            # The line it waits for was printed to the previous daemon's watch.
+            spec = replace(spec, ready=None, start_seconds=0.0)
         lines = self._output.subscribe(spec.name, spawned.pid) if _is_log_probe(spec) else None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_exit, unit, box)
             try:
-                outcome = await self._wait_ready(unit, box, lines)
+                outcome = await self._wait_ready(spec, box, lines)
             finally:
                 if lines is not None:
                     lines.close()
@@ -375,7 +404,6 @@ class Engine:
 
     async def _wait_ready(self, unit: _Unit, box: _ExitBox, lines: LineSubscription | None) -> str:
         """'ready', 'exited' (before ready) or 'timeout'."""
-        spec = unit.spec
         async with anyio.create_task_group() as race:
 
             async def exited_first() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,6 +19,16 @@ class ReloadPlan:
     @property
     def empty(self) -> bool:
         return not (self.added or self.removed or self.changed)
+
+
+def fingerprint(spec: ServiceSpec) -> str:
+    """A short digest of everything that makes two specs the same unit configuration.
+
+    Given to the agent with each spawn, so a restarted daemon can tell which
+    running processes still match their unit (adopt) and which do not (replace).
+    """
+    identity = [(f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.compare]
+    return hashlib.sha256(repr(identity).encode()).hexdigest()[:16]
 
 
 def changed_fields(old: ServiceSpec, new: ServiceSpec) -> tuple[str, ...]:
