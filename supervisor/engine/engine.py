@@ -35,7 +35,6 @@ from .states import ACTIVE_STATES, State, check_transition
 log = structlog.get_logger("dynsup.engine")
 
 
-
 class UnknownUnit(KeyError):
     """No unit of that name is loaded."""
 
@@ -383,9 +382,7 @@ class Engine:
                 timeout = spec.ready.timeout if spec.ready else spec.start_seconds
                 unit.reason = f"not ready within {timeout:g}s"
                 log.warning("unit.not_ready", pid=spawned.pid, timeout=timeout)
-                await self._agent_of(unit).stop(
-                    spec.name, spec.stop_signal.name, spec.stop_timeout
-                )
+                await self._agent_of(unit).stop(spec.name, spec.stop_signal.name, spec.stop_timeout)
             await box.exited.wait()
         assert box.status is not None
         up_for = 0.0 if ready_at is None else anyio.current_time() - ready_at
@@ -402,7 +399,9 @@ class Engine:
         box.status = status
         box.exited.set()
 
-    async def _wait_ready(self, unit: _Unit, box: _ExitBox, lines: LineSubscription | None) -> str:
+    async def _wait_ready(
+        self, spec: ServiceSpec, box: _ExitBox, lines: LineSubscription | None
+    ) -> str:
         """'ready', 'exited' (before ready) or 'timeout'."""
         async with anyio.create_task_group() as race:
 
