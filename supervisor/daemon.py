@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .commands import Commands
 from .config import ConfigError, DaemonConfig, load_config
 from .control.paths import socket_path
 from .control.server import AccessPolicy, AlreadyRunning, ControlServer
+from .dynamo import StackContext, expand_stack
 from .engine import Engine, OutputHub, State
 from .logs import (
     JOURNAL_SOCKET,
@@ -94,9 +96,22 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def load_specs(settings: Settings) -> dict[str, ServiceSpec]:
+def load_specs(
+    settings: Settings, replicas: Mapping[str, int] | None = None
+) -> dict[str, ServiceSpec]:
+    """Read the unit directories and expand model units into the stack's services."""
     context = {"state_dir": str(settings.state_dir)}
-    return load_units([Path(d) for d in settings.unit_dirs], context=context)
+    ray = settings.config.ray
+    stack = StackContext(
+        state_dir=str(settings.state_dir),
+        gpus_per_node=ray.num_gpus if ray.num_gpus > 0 and not ray.address else None,
+        replicas=replicas or {},
+    )
+    return load_units(
+        [Path(d) for d in settings.unit_dirs],
+        context=context,
+        expand=lambda services, others: expand_stack(services, others, stack),
+    )
 
 
 async def pump_output(agent: Agent, hub: OutputHub, journal: UnitOutputForwarder | None) -> None:

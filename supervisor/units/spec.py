@@ -63,6 +63,9 @@ class ServiceSpec:
     unset_env: tuple[str, ...] = ()
     # Ports the program will bind: checked free on its node before each spawn.
     ports: tuple[int, ...] = ()
+    # A unit spread over several nodes runs one rank per node: ranks > 0 get
+    # these arguments too (vLLM's --headless).
+    secondary_args: tuple[str, ...] = ()
     # Where the spec came from; not part of its identity, so moving a file
     # or expanding the same model twice does not count as a change.
     source: str = field(default="", compare=False)

@@ -1,0 +1,455 @@
+"""Model units + stack settings → the services of a Dynamo stack.
+
+What comes out for a directory with at least one `[model]`:
+
+* ``etcd`` when discovery is etcd and no external endpoint is given;
+* ``nats`` when a plane uses NATS and no external URL is given (Dynamo
+  1.4.2 needs none with its defaults: requests over TCP, events over ZMQ);
+* ``frontend``, ready once ``/v1/models`` lists every served model;
+* the workers: ``<unit>-<i>`` (aggregated), ``<unit>-prefill-<i>`` and
+  ``<unit>-decode-<i>`` (disaggregated), each ready on its own
+  ``DYN_SYSTEM_PORT``'s ``/health``.
+
+A ``[service]`` file named like an implicit unit replaces it. Workers
+require etcd/nats (they register there) but not the frontend, which
+discovers them as they come. Frontend and workers restart ``always``:
+Dynamo processes exit 0 when etcd goes away, and must come back with it.
+Every environment starts from the daemon's minus ``DYN_*``, ``ETCD_*`` and
+``NATS_*`` (a stray ``NATS_SERVER`` makes every Dynamo process exit), then
+gets exactly what the stack needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..units.errors import UnitError
+from ..units.spec import ProbeKind, ReadySpec, RestartPolicy, ServiceSpec, freeze_env
+from ..units.stack import ModelSpec, StackSpec, thaw_args
+from .binaries import MissingProgram, etcd_binary, nats_binary, python_module
+from .flags import merge_args, to_flags
+from .ports import PortError, model_blocks, worker_ports
+
+UNSET = ("DYN_*", "ETCD_*", "NATS_*")
+NIXL = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+IMPLICIT = ("etcd", "nats", "frontend")
+STOP_TIMEOUT = {"vllm": 60.0, "mocker": 10.0}
+
+
+@dataclass(frozen=True)
+class StackContext:
+    """What the expansion needs from the daemon."""
+
+    state_dir: str
+    # GPUs of one node; a TP group larger than this spans nodes (ranks).
+    gpus_per_node: int | None = None
+    replicas: Mapping[str, int] = field(default_factory=dict)  # `dynsupctl scale` overrides
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.errors: list[UnitError] = []
+
+    def add(self, file: str, key: str, message: str) -> None:
+        self.errors.append(UnitError(file, key, message))
+
+
+def component_slug(model: str) -> str:
+    """Dynamo component name for a served model: lower-case letters, digits and '_'."""
+    slug = re.sub(r"[^a-z0-9]+", "_", model.lower()).strip("_")
+    return slug or "model"
+
+
+def router_mode(stack: StackSpec, models: list[ModelSpec]) -> str:
+    if stack.router_mode is not None:
+        return stack.router_mode
+    return "kv" if any(m.mode == "disaggregated" for m in models) else "round-robin"
+
+
+def expand_stack(
+    services: dict[str, ServiceSpec], others: dict[str, list[Any]], ctx: StackContext
+) -> tuple[dict[str, ServiceSpec], list[UnitError]]:
+    models: list[ModelSpec] = sorted(others.get("ModelSpec", []), key=lambda m: m.name)
+    stacks: list[StackSpec] = others.get("StackSpec", [])
+    problems = _Problems()
+    if len(stacks) > 1:
+        for extra in stacks[1:]:
+            problems.add(extra.source, "dynamo", f"a second [dynamo] file ({stacks[0].source})")
+    if not models:
+        return services, problems.errors
+    stack = stacks[0] if stacks else StackSpec(source=models[0].source)
+    builder = _Builder(stack, models, ctx, problems)
+    expanded = dict(services)
+    for spec in builder.build():
+        if spec.name in services and spec.name in IMPLICIT:
+            continue  # a [service] file of the same name overrides the implicit unit
+        if spec.name in services:
+            problems.add(
+                services[spec.name].source,
+                "",
+                f"unit {spec.name!r} clashes with a worker of model unit {spec.source}",
+            )
+            continue
+        expanded[spec.name] = spec
+    return expanded, problems.errors
+
+
+class _Builder:
+    def __init__(
+        self,
+        stack: StackSpec,
+        models: list[ModelSpec],
+        ctx: StackContext,
+        problems: _Problems,
+    ) -> None:
+        self.stack = stack
+        self.models = models
+        self.ctx = ctx
+        self.problems = problems
+        self.mode = router_mode(stack, models)
+        self.kv_routing = self.mode == "kv"
+        self.use_etcd = stack.discovery == "etcd"
+        self.use_nats = "nats" in (stack.request_plane, stack.event_plane)
+        self.run_etcd = self.use_etcd and not stack.etcd_endpoint
+        self.run_nats = self.use_nats and not stack.nats_url
+        self.host = stack.host
+
+    # -- the common environment ----------------------------------------------
+
+    def etcd_url(self) -> str:
+        return self.stack.etcd_endpoint or f"http://{self.host}:{self.stack.etcd_port}"
+
+    def nats_url(self) -> str:
+        return self.stack.nats_url or f"nats://{self.host}:{self.stack.nats_port}"
+
+    def discovery_dir(self) -> str:
+        return str(Path(self.ctx.state_dir) / "dynamo-discovery" / self.stack.namespace)
+
+    def dynamo_env(self) -> dict[str, str]:
+        env = {
+            "DYN_TCP_RPC_HOST": self.host,
+            "DYN_REQUEST_PLANE": self.stack.request_plane,
+            "DYN_EVENT_PLANE": self.stack.event_plane,
+            # A writable home: the frontend caches model cards under ~/.cache.
+            "HOME": str(Path(self.ctx.state_dir) / "home"),
+            # Output goes to rings and journald, not a terminal: no colour codes.
+            "NO_COLOR": "1",
+        }
+        if self.use_etcd:
+            env["ETCD_ENDPOINTS"] = self.etcd_url()
+        else:
+            env["DYN_FILE_KV"] = self.discovery_dir()
+        if self.use_nats:
+            env["NATS_SERVER"] = self.nats_url()
+        if self.kv_routing:
+            env["PYTHONHASHSEED"] = "0"  # KV event ids are hashes: stable across processes
+        return {**env, **dict(self.stack.environment)}
+
+    def infra(self) -> tuple[str, ...]:
+        return tuple(n for n, on in (("etcd", self.run_etcd), ("nats", self.run_nats)) if on)
+
+    def discovery_args(self) -> list[str]:
+        return ["--discovery-backend", self.stack.discovery]
+
+    # -- units -------------------------------------------------------------------
+
+    def build(self) -> list[ServiceSpec]:
+        specs: list[ServiceSpec] = []
+        for make in (self.etcd, self.nats, self.frontend):
+            spec = self._guard(make)
+            if spec is not None:
+                specs.append(spec)
+        try:
+            blocks = model_blocks([m.name for m in self.models], self.stack.port_base)
+        except PortError as exc:
+            self.problems.add(self.stack.source, "dynamo.port_base", str(exc))
+            return specs
+        self._check_slugs()
+        for model in self.models:
+            specs.extend(self._workers(model, blocks[model.name]))
+        return specs
+
+    def _guard(self, make: Any) -> ServiceSpec | None:
+        try:
+            return make()
+        except MissingProgram as exc:
+            self.problems.add(self.stack.source, "", str(exc))
+            return None
+
+    def etcd(self) -> ServiceSpec | None:
+        if not self.run_etcd:
+            return None
+        port, peer = self.stack.etcd_port, self.stack.etcd_port + 1
+        client, peer_url = f"http://{self.host}:{port}", f"http://{self.host}:{peer}"
+        command = (
+            etcd_binary(),
+            "--name", "dynsup",
+            "--data-dir", str(Path(self.ctx.state_dir) / "etcd"),
+            "--listen-client-urls", client,
+            "--advertise-client-urls", client,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"dynsup={peer_url}",
+            # One member on one host: fast elections make it ready in ~0.1 s, not ~1 s.
+            "--heartbeat-interval", "10",
+            "--election-timeout", "100",
+        )  # fmt: skip
+        return self._implicit(
+            "etcd",
+            "etcd for Dynamo discovery",
+            command,
+            ReadySpec(kind=ProbeKind.HTTP, target=f"{client}/health", timeout=30),
+            env={},
+            ports=(port, peer),
+            # etcd re-raises SIGTERM: that is its clean stop, not a failure.
+            requires=(),
+        )
+
+    def nats(self) -> ServiceSpec | None:
+        if not self.run_nats:
+            return None
+        port, monitor = self.stack.nats_port, self.stack.nats_port + 4000
+        command = (
+            nats_binary(),
+            "-a", self.host,
+            "-p", str(port),
+            "-m", str(monitor),
+            "-js",
+            "-sd", str(Path(self.ctx.state_dir) / "nats"),
+        )  # fmt: skip
+        return self._implicit(
+            "nats",
+            "NATS for Dynamo's planes",
+            command,
+            ReadySpec(
+                kind=ProbeKind.HTTP, target=f"http://{self.host}:{monitor}/healthz", timeout=30
+            ),
+            env={},
+            ports=(port, monitor),
+            requires=(),
+        )
+
+    def frontend(self) -> ServiceSpec:
+        stack = self.stack
+        migration = max((m.migration_limit for m in self.models), default=0)
+        command = [
+            *python_module("dynamo.frontend"),
+            "--http-host", self.host,
+            "--http-port", str(stack.frontend_port),
+            "--namespace", stack.namespace,
+            "--router-mode", self.mode,
+            *self.discovery_args(),
+        ]  # fmt: skip
+        if migration:
+            # In Dynamo 1.4.2 migration is the frontend's, one value for all models.
+            command += ["--migration-limit", str(migration)]
+        command += list(stack.frontend_args)
+        served = tuple(dict.fromkeys(m.model for m in self.models if self._serves(m)))
+        return self._implicit(
+            "frontend",
+            "Dynamo OpenAI frontend",
+            tuple(command),
+            ReadySpec(
+                kind=ProbeKind.MODELS,
+                target=f"http://{self.host}:{stack.frontend_port}/v1/models",
+                models=served,
+                timeout=300,
+                interval=0.05,
+            ),
+            env=self.dynamo_env(),
+            ports=(stack.frontend_port,),
+            requires=self.infra(),
+        )
+
+    @staticmethod
+    def _serves(model: ModelSpec) -> bool:
+        if model.mode == "aggregated":
+            return model.replicas > 0
+        return bool(model.prefill and model.prefill.replicas and model.decode
+                    and model.decode.replicas)  # fmt: skip
+
+    def _implicit(
+        self,
+        name: str,
+        description: str,
+        command: tuple[str, ...],
+        ready: ReadySpec,
+        *,
+        env: dict[str, str],
+        ports: tuple[int, ...],
+        requires: tuple[str, ...],
+    ) -> ServiceSpec:
+        return ServiceSpec(
+            name=name,
+            description=description,
+            command=command,
+            requires=requires,
+            environment=freeze_env(env),
+            restart=RestartPolicy.ALWAYS,
+            restart_delay=0.1,
+            restart_delay_max=5.0,
+            start_limit_burst=20,
+            start_limit_interval=60.0,
+            stop_timeout=10.0,
+            ready=ready,
+            unset_env=UNSET,
+            ports=ports,
+            source=f"{self.stack.source} (implicit {name})",
+        )
+
+    # -- workers -------------------------------------------------------------
+
+    def _check_slugs(self) -> None:
+        seen: dict[str, ModelSpec] = {}
+        for model in self.models:
+            slug = component_slug(model.model)
+            other = seen.setdefault(slug, model)
+            if other is not model and other.model != model.model:
+                self.problems.add(
+                    model.source,
+                    "model.name",
+                    f"model name {model.model!r} makes the same Dynamo component "
+                    f"{slug!r} as {other.model!r} ({other.source}); rename one",
+                )
+
+    def _roles(self, model: ModelSpec) -> list[tuple[str, int, dict[str, Any]]]:
+        """(role, replicas, engine args) per pool; role "agg" for aggregated."""
+        base = thaw_args(model.engine_args)
+        if model.mode == "aggregated":
+            count = self.ctx.replicas.get(model.name, model.replicas)
+            return [("agg", count, base)]
+        roles = []
+        for role, pool in (("prefill", model.prefill), ("decode", model.decode)):
+            assert pool is not None
+            count = self.ctx.replicas.get(f"{model.name}:{role}", pool.replicas)
+            roles.append((role, count, merge_args(base, thaw_args(pool.engine_args))))
+        return roles
+
+    def _workers(self, model: ModelSpec, block: int) -> list[ServiceSpec]:
+        try:
+            module = python_module(f"dynamo.{model.engine}")
+            if model.engine == "vllm":
+                python_module("vllm")
+        except MissingProgram as exc:
+            self.problems.add(model.source, "model.engine", str(exc))
+            return []
+        specs = []
+        for role, count, args in self._roles(model):
+            for replica in range(count):
+                name = model.name if role == "agg" else f"{model.name}-{role}"
+                try:
+                    specs.extend(
+                        self._worker(model, module, f"{name}-{replica}", role, replica, args, block)
+                    )
+                except PortError as exc:
+                    self.problems.add(model.source, "model.replicas", str(exc))
+                    return specs
+        return specs
+
+    def _worker(
+        self,
+        model: ModelSpec,
+        module: list[str],
+        name: str,
+        role: str,
+        replica: int,
+        args: dict[str, Any],
+        block: int,
+    ) -> list[ServiceSpec]:
+        tp = model.tensor_parallel_size
+        ports = worker_ports(block, role, replica, tp)
+        slug = component_slug(model.model)
+        component = f"{slug}_prefill" if role == "prefill" else slug
+        endpoint = f"dyn://{self.stack.namespace}.{component}.generate"
+        env = {
+            **self.dynamo_env(),
+            "DYN_SYSTEM_HOST": self.host,
+            "DYN_SYSTEM_PORT": str(ports.system),
+            # Without it the mocker's /health never says ready (Dynamo 1.4.2).
+            "DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS": '["generate"]',
+            **dict(model.environment),
+        }
+        argv = [*module]
+        bound = [ports.system]
+        if model.engine == "mocker":
+            argv += ["--model-path", model.path, "--model-name", model.model]
+        else:
+            argv += ["--model", model.path, "--served-model-name", model.model]
+        argv += ["--endpoint", endpoint, *self.discovery_args()]
+        if role != "agg":
+            argv += ["--disaggregation-mode", role]
+        if model.engine == "vllm":
+            argv += self._vllm_args(role, ports.kv_events, tp)
+            if self.kv_routing and role != "decode":
+                bound.append(ports.kv_events)
+            if role != "agg":
+                env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ports.nixl)
+                env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.host
+                bound += list(range(ports.nixl, ports.nixl + tp))
+        argv += to_flags(args)
+        gpus = tp if model.engine == "vllm" else 0
+        ranks = self._rank_count(tp) if model.engine == "vllm" else 1
+        if ranks > 1:
+            # Multi-node TP: the placement room fills {rank}, {ranks}, {rank0_addr} per rank.
+            argv += [
+                "--nnodes", "{ranks}",
+                "--node-rank", "{rank}",
+                "--master-addr", "{rank0_addr}",
+                "--master-port", str(ports.master),
+            ]  # fmt: skip
+            bound.append(ports.master)
+        spec = ServiceSpec(
+            name=name,
+            description=f"{model.engine} worker of {model.model} ({role}, replica {replica})",
+            command=tuple(argv),
+            requires=(*self.infra(), *model.requires),
+            autostart=model.autostart,
+            environment=freeze_env(env),
+            restart=RestartPolicy.ALWAYS,
+            restart_delay=0.1,
+            restart_delay_max=10.0,
+            start_limit_burst=20,
+            start_limit_interval=120.0,
+            stop_timeout=model.stop_timeout or STOP_TIMEOUT[model.engine],
+            ready=ReadySpec(
+                kind=ProbeKind.HTTP,
+                target=f"http://{self.host}:{ports.system}/health",
+                timeout=600 if model.engine == "vllm" else 120,
+                interval=0.05,
+            ),
+            gpus=gpus,
+            unset_env=UNSET,
+            ports=tuple(bound),
+            secondary_args=("--headless",) if ranks > 1 else (),
+            source=model.source,
+        )
+        return [spec]
+
+    def _rank_count(self, tp: int) -> int:
+        per_node = self.ctx.gpus_per_node
+        if not per_node or tp <= per_node:
+            return 1
+        return tp // per_node if tp % per_node == 0 else 1
+
+    def _vllm_args(self, role: str, kv_port: int, tp: int) -> list[str]:
+        argv = ["--tensor-parallel-size", str(tp)]
+        if self.kv_routing and role != "decode":
+            # The KV router consumes these events; each worker publishes on its own port.
+            events: dict[str, Any] = {
+                "publisher": "zmq",
+                "topic": "kv-events",
+                "endpoint": f"tcp://*:{kv_port}",
+                "enable_kv_cache_events": True,
+            }
+        else:
+            # Explicitly off, so no two workers fight over vLLM's default port 5557.
+            events = {"enable_kv_cache_events": False}
+        argv += ["--kv-events-config", json.dumps(events, separators=(",", ":"))]
+        if role != "agg":
+            argv += ["--kv-transfer-config", json.dumps(NIXL, separators=(",", ":"))]
+        return argv

@@ -1,0 +1,68 @@
+"""Ports of a stack, each assigned once.
+
+Every model gets a block of ports from ``port_base``; the block is chosen
+by a hash of the model unit's name (probing on collision), so adding or
+removing a model does not move the ports of the others, and adding a
+replica does not move the ports of the replicas before it. Within a block,
+decode/aggregated workers count up from the start and prefill workers from
+the middle; each worker owns a fixed stride of ports.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+BLOCK = 400
+# DYN_SYSTEM_PORT is read as an i16 by Dynamo 1.4.2: every worker port stays below 32768.
+MAX_PORT = 32767
+
+
+class PortError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class WorkerPorts:
+    system: int  # DYN_SYSTEM_PORT: /health
+    kv_events: int  # vLLM's KV-event publisher (ZMQ)
+    master: int  # torch.distributed master port of a multi-node group
+    nixl: int  # first of tp ports for VLLM_NIXL_SIDE_CHANNEL_PORT
+
+    def all(self, tp: int) -> tuple[int, ...]:
+        return (self.system, self.kv_events, self.master, *range(self.nixl, self.nixl + tp))
+
+
+def stride(tp: int) -> int:
+    return 3 + tp
+
+
+def model_blocks(names: Iterable[str], port_base: int) -> dict[str, int]:
+    """The first port of each model's block."""
+    count = (MAX_PORT - port_base) // BLOCK
+    if count < 1:
+        raise PortError(f"port_base {port_base} leaves no room below {MAX_PORT}")
+    taken: dict[int, str] = {}
+    blocks: dict[str, int] = {}
+    for name in sorted(names):
+        index = zlib.crc32(name.encode()) % count
+        for _ in range(count):
+            if index not in taken:
+                break
+            index = (index + 1) % count
+        else:
+            raise PortError(f"more than {count} models for the ports above {port_base}")
+        taken[index] = name
+        blocks[name] = port_base + index * BLOCK
+    return blocks
+
+
+def worker_ports(block: int, role: str, replica: int, tp: int) -> WorkerPorts:
+    half = BLOCK // 2
+    start = block + (half if role == "prefill" else 0)
+    first = start + replica * stride(tp)
+    if first + stride(tp) > start + half:
+        most = half // stride(tp)
+        raise PortError(f"at most {most} {role} replicas fit a model's port block (tp={tp})")
+    return WorkerPorts(system=first, kv_events=first + 1, master=first + 2, nixl=first + 3)
