@@ -1,0 +1,162 @@
+"""``units/demo``, the embedded default, as dynsupd loads it.
+
+Nothing is faked: ``python_module`` really looks up ``dynamo.frontend`` and
+``dynamo.mocker`` (the ``[dynamo]`` extra), and the demo needs neither
+etcd (file discovery) nor NATS (TCP requests, ZMQ events) nor vLLM.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor.dynamo import StackContext, expand_stack
+from supervisor.units import ProbeKind, ReadySpec, RestartPolicy, ServiceSpec, load_units
+
+pytestmark = pytest.mark.dynamo
+
+DEMO = Path(__file__).resolve().parents[1] / "units" / "demo"
+STATE = "/var/lib/dynsup"
+PY = sys.executable
+VLLM_FLAGS = (
+    "--model",
+    "--served-model-name",
+    "--tensor-parallel-size",
+    "--kv-events-config",
+    "--kv-transfer-config",
+    "--disaggregation-mode",
+    "--nnodes",
+    "--node-rank",
+    "--master-addr",
+    "--master-port",
+    "--headless",
+)
+
+
+@pytest.fixture(scope="module")
+def specs() -> dict[str, ServiceSpec]:
+    """Loaded as ``daemon.load_specs`` does, for a machine without GPUs."""
+    ctx = StackContext(state_dir=STATE, gpus_per_node=None)
+    return load_units(
+        [DEMO],
+        context={"state_dir": STATE},
+        expand=lambda services, others: expand_stack(services, others, ctx),
+    )
+
+
+def value_of(argv: tuple[str, ...], flag: str) -> str:
+    assert argv.count(flag) == 1, f"{flag} occurs {argv.count(flag)} times in {argv}"
+    return argv[argv.index(flag) + 1]
+
+
+def test_units(specs: dict[str, ServiceSpec]) -> None:
+    # File discovery and the default planes: no etcd, no NATS.
+    assert sorted(specs) == ["frontend", "tiny-0", "tiny-1"]
+
+
+def test_the_model_directory_is_in_the_repository() -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert (DEMO / "model" / name).is_file()
+
+
+@pytest.mark.parametrize("name", ["tiny-0", "tiny-1"])
+def test_worker_argv(specs: dict[str, ServiceSpec], name: str) -> None:
+    assert specs[name].command == (
+        PY, "-m", "dynamo.mocker",
+        "--model-path", str(DEMO / "model"),
+        "--model-name", "tiny",
+        "--endpoint", "dyn://demo.tiny.generate",
+        "--discovery-backend", "file",
+        "--speedup-ratio", "0",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["tiny-0", "tiny-1"])
+def test_worker_has_no_vllm_flags(specs: dict[str, ServiceSpec], name: str) -> None:
+    command = specs[name].command
+    for flag in VLLM_FLAGS:
+        assert flag not in command, flag
+    assert specs[name].secondary_args == ()
+
+
+@pytest.mark.parametrize("name", ["tiny-0", "tiny-1"])
+def test_worker_env(specs: dict[str, ServiceSpec], name: str) -> None:
+    env = specs[name].env
+    port = int(env.pop("DYN_SYSTEM_PORT"))
+    assert 1024 < port < 32768
+    assert env == {
+        "DYN_EVENT_PLANE": "zmq",
+        "DYN_FILE_KV": f"{STATE}/dynamo-discovery/demo",
+        "DYN_REQUEST_PLANE": "tcp",
+        "DYN_SYSTEM_HOST": "127.0.0.1",
+        # Without it the mocker's /health never says ready.
+        "DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS": '["generate"]',
+        "DYN_TCP_RPC_HOST": "127.0.0.1",
+        "HF_HUB_OFFLINE": "1",
+        "HOME": f"{STATE}/home",
+        "NO_COLOR": "1",
+        "PYTHONHASHSEED": "0",  # KV router
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    assert specs[name].unset_env == ("DYN_*", "ETCD_*", "NATS_*")
+
+
+@pytest.mark.parametrize("name", ["tiny-0", "tiny-1"])
+def test_worker_unit(specs: dict[str, ServiceSpec], name: str) -> None:
+    spec = specs[name]
+    port = int(spec.env["DYN_SYSTEM_PORT"])
+    assert spec.ready == ReadySpec(
+        kind=ProbeKind.HTTP, target=f"http://127.0.0.1:{port}/health", timeout=120, interval=0.05
+    )
+    assert spec.ports == (port,)  # the mocker binds no KV-event or NIXL port
+    assert spec.gpus == 0
+    assert spec.requires == ()  # nothing to wait for with file discovery
+    assert spec.restart is RestartPolicy.ALWAYS
+    assert spec.stop_timeout == 10.0
+    assert spec.description == f"mocker worker of tiny (agg, replica {name[-1]})"
+    assert spec.source == str(DEMO / "tiny.toml")
+
+
+def test_workers_have_distinct_system_ports(specs: dict[str, ServiceSpec]) -> None:
+    ports = [spec.env["DYN_SYSTEM_PORT"] for name, spec in specs.items() if name != "frontend"]
+    assert len(set(ports)) == 2
+
+
+def test_every_port_assigned_once(specs: dict[str, ServiceSpec]) -> None:
+    ports = [port for spec in specs.values() for port in spec.ports]
+    assert len(ports) == len(set(ports)) == 3
+
+
+def test_frontend(specs: dict[str, ServiceSpec]) -> None:
+    frontend = specs["frontend"]
+    assert frontend.command == (
+        PY, "-m", "dynamo.frontend",
+        "--http-host", "127.0.0.1",
+        "--http-port", "8000",
+        "--namespace", "demo",
+        "--router-mode", "kv",
+        "--discovery-backend", "file",
+    )  # fmt: skip
+    assert frontend.env == {
+        "DYN_EVENT_PLANE": "zmq",
+        "DYN_FILE_KV": f"{STATE}/dynamo-discovery/demo",
+        "DYN_REQUEST_PLANE": "tcp",
+        "DYN_TCP_RPC_HOST": "127.0.0.1",
+        "HF_HUB_OFFLINE": "1",
+        "HOME": f"{STATE}/home",
+        "NO_COLOR": "1",
+        "PYTHONHASHSEED": "0",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    assert frontend.ready == ReadySpec(
+        kind=ProbeKind.MODELS,
+        target="http://127.0.0.1:8000/v1/models",
+        models=("tiny",),
+        timeout=300,
+        interval=0.05,
+    )
+    assert frontend.requires == ()
+    assert frontend.ports == (8000,)
+    assert frontend.gpus == 0
