@@ -30,11 +30,14 @@ STREAMS = ("stdout", "stderr")
 _MAX_TAIL_LINES = 100_000
 _TAIL_READ = 1 << 20
 
-# Reads the unit directories again; raises UnitErrors when any file is invalid.
-SpecSource = Callable[[], Mapping[str, ServiceSpec]]
+# Reads the unit directories again (with replica overrides for model units);
+# raises UnitErrors when any file is invalid.
+SpecSource = Callable[..., Mapping[str, ServiceSpec]]
+# Model units of the directories: name -> mode ("aggregated" | "disaggregated").
+ModelSource = Callable[[], Mapping[str, str]]
 
 
-def unit_info(snap: UnitStatus, last_error: str | None, gpus: list[int]) -> dict[str, Any]:
+def unit_info(snap: UnitStatus, last_error: str | None, gpus: list[str]) -> dict[str, Any]:
     uptime = None
     if snap.state is State.RUNNING and snap.started_at is not None:
         uptime = max(0.0, time.time() - snap.started_at)
@@ -87,7 +90,8 @@ class Commands:
         reread: SpecSource,
         desired: DesiredState,
         request_shutdown: Callable[[], None],
-        gpus_of: Callable[[str], list[int]] | None = None,
+        models: ModelSource | None = None,
+        gpu_table: Callable[[], Any] | None = None,
     ) -> None:
         self._engine = engine
         self._agent = agent
@@ -95,7 +99,8 @@ class Commands:
         self._reread = reread
         self._desired = desired
         self._request_shutdown = request_shutdown
-        self._gpus_of = gpus_of or (lambda name: [])
+        self._models = models or (lambda: {})
+        self._gpu_table = gpu_table
         self._shutting_down = False
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
@@ -112,6 +117,8 @@ class Commands:
             "avail": self.avail,
             "shutdown": self.shutdown,
             "version": self.version,
+            "scale": self.scale,
+            "gpus": self.gpus,
         }
 
     READ_ONLY = frozenset({"status", "pid", "tail", "reread", "avail", "version", "gpus"})
@@ -134,7 +141,7 @@ class Commands:
 
     async def _info(self, name: str) -> dict[str, Any]:
         snap = self._engine.statistics([name])[0]
-        return unit_info(snap, await self._last_error(name), self._gpus_of(name))
+        return unit_info(snap, await self._last_error(name), list(snap.gpus))
 
     async def _last_error(self, name: str) -> str | None:
         try:
@@ -275,6 +282,8 @@ class Commands:
         """Progress snapshots while the units start, until each has settled."""
         with changes:
             pending = {s.name for s in self._engine.statistics(names) if not _settled(s)}
+            if not pending:
+                return  # already running: nothing to watch
             async for snap in changes:
                 if snap.name not in names:
                     continue
@@ -335,9 +344,45 @@ class Commands:
         self._desired.forget_except(set(new_specs))
         return {**plan_result(plan), "applied": True}
 
-    def _read_specs(self) -> Mapping[str, ServiceSpec]:
+    async def scale(self, args: dict[str, Any]) -> dict[str, Any]:
+        """`scale MODEL[:ROLE] N`: add or remove replicas, touching no other unit."""
+        target = args.get("name")
+        count = args.get("replicas")
+        if not isinstance(target, str) or not target:
+            raise CommandError("BAD_ARGUMENTS", "'name' must be MODEL or MODEL:ROLE")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise CommandError("BAD_ARGUMENTS", "'replicas' must be an integer >= 0")
+        model, _, role = target.partition(":")
+        modes = self._models()
+        if model not in modes:
+            raise CommandError("BAD_NAME", f"no model unit named {model!r}", details=[model])
+        disaggregated = modes[model] == "disaggregated"
+        if disaggregated and role not in ("prefill", "decode"):
+            raise CommandError(
+                "BAD_ARGUMENTS", f"{model} is disaggregated: scale {model}:prefill or :decode"
+            )
+        if not disaggregated and role:
+            raise CommandError("BAD_ARGUMENTS", f"{model} is aggregated: scale {model} N")
+        self._check_running()
+        replicas = {**self._desired.replicas, target: count}
+        new_specs = dict(self._read_specs(replicas=replicas))
+        prefix = f"{model}-{role}-" if role else f"{model}-"
+        current = self._engine.specs
+        # Only this pool's workers move: every other unit keeps its running spec.
+        merged = {n: s for n, s in current.items() if not _worker_of(n, prefix)}
+        merged.update({n: s for n, s in new_specs.items() if _worker_of(n, prefix)})
+        plan = await self._engine.apply(merged)
+        self._desired.set_replicas(target, count)
+        return {**plan_result(plan), "applied": True, "replicas": count}
+
+    async def gpus(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self._gpu_table is None:
+            return {"ray": False, "gpus": []}
+        return {"ray": True, "gpus": await self._gpu_table()}
+
+    def _read_specs(self, **overrides: Any) -> Mapping[str, ServiceSpec]:
         try:
-            return self._reread()
+            return self._reread(**overrides)
         except UnitErrors as exc:
             errors = [str(e) for e in exc.errors]
             raise CommandError(
@@ -352,6 +397,11 @@ class Commands:
     def _check_running(self) -> None:
         if self._shutting_down:
             raise CommandError("SHUTTING_DOWN", "dynsupd is shutting down")
+
+
+def _worker_of(name: str, prefix: str) -> bool:
+    """Is name a replica of the pool whose workers are named prefix + index?"""
+    return name.startswith(prefix) and name[len(prefix) :].isdigit()
 
 
 def _settled(snap: UnitStatus) -> bool:

@@ -406,6 +406,31 @@ def _update_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help="only these units")
 
 
+def _scale_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="MODEL[:ROLE]")
+    parser.add_argument("replicas", type=int, metavar="N")
+
+
+def format_gpus(result: dict[str, Any]) -> Output:
+    """One line per GPU: node, id, and the unit/replica/rank holding it (or free)."""
+    if not result.get("ray"):
+        return Output("no GPUs: Ray is off (no unit asks for GPUs)\n")
+    rows = result.get("gpus") or []
+    lines = []
+    for row in rows:
+        holder = "free"
+        if row.get("unit"):
+            holder = str(row["unit"])
+            if row.get("replica") is not None:
+                holder += f" replica {row['replica']}"
+            if row.get("rank") is not None:
+                holder += f" rank {row['rank']}"
+        lines.append(
+            f"{clean(str(row.get('node'))):<20} gpu {clean(str(row.get('gpu'))):<6} {clean(holder)}"
+        )
+    return Output("\n".join(lines) + "\n" if lines else "no GPUs\n")
+
+
 def _names_and_wait(ns: argparse.Namespace) -> dict[str, Any]:
     return {"names": unit_names(ns.names, required=True), "wait": ns.wait}
 
@@ -479,6 +504,18 @@ VERBS: dict[str, Verb] = {
         lambda ns: {},
         lambda result, ns: Output("Shut down\n"),
         run=run_waiting,
+    ),
+    "scale": Verb(
+        "set a model's replica count (MODEL or MODEL:prefill|decode)",
+        lambda ns: {"name": ns.name, "replicas": ns.replicas},
+        lambda result, ns: format_update(result),
+        _scale_arguments,
+        run_waiting,
+    ),
+    "gpus": Verb(
+        "show which unit holds each GPU",
+        lambda ns: {},
+        lambda result, ns: format_gpus(result),
     ),
     "version": Verb(
         "print the daemon's version",

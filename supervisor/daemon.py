@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
@@ -97,9 +98,14 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 
 
 def load_specs(
-    settings: Settings, replicas: Mapping[str, int] | None = None
+    settings: Settings,
+    replicas: Mapping[str, int] | None = None,
+    models: dict[str, str] | None = None,
 ) -> dict[str, ServiceSpec]:
-    """Read the unit directories and expand model units into the stack's services."""
+    """Read the unit directories and expand model units into the stack's services.
+
+    ``models``, when given, is filled with the model units found (name -> mode).
+    """
     context = {"state_dir": str(settings.state_dir)}
     ray = settings.config.ray
     stack = StackContext(
@@ -107,11 +113,14 @@ def load_specs(
         gpus_per_node=ray.num_gpus if ray.num_gpus > 0 and not ray.address else None,
         replicas=replicas or {},
     )
-    return load_units(
-        [Path(d) for d in settings.unit_dirs],
-        context=context,
-        expand=lambda services, others: expand_stack(services, others, stack),
-    )
+
+    def expand(services: dict[str, ServiceSpec], others: dict[str, list[Any]]) -> Any:
+        if models is not None:
+            models.clear()
+            models.update({m.name: m.mode for m in others.get("ModelSpec", [])})
+        return expand_stack(services, others, stack)
+
+    return load_units([Path(d) for d in settings.unit_dirs], context=context, expand=expand)
 
 
 async def pump_output(agent: Agent, hub: OutputHub, journal: UnitOutputForwarder | None) -> None:
@@ -172,21 +181,23 @@ def open_journal() -> tuple[JournalSender | None, UnitOutputForwarder | None]:
 class Daemon:
     """The running daemon: owns the agent, the engine and the control server."""
 
-    def __init__(
-        self, settings: Settings, specs: dict[str, ServiceSpec], access: AccessPolicy
-    ) -> None:
+    def __init__(self, settings: Settings, access: AccessPolicy) -> None:
         self.settings = settings
         self.access = access
-        self.specs = specs
+        self.specs: dict[str, ServiceSpec] = {}
         self.shutdown_requested = anyio.Event()
+        self.desired = DesiredState.load(settings.state_dir)
+        self.models: dict[str, str] = {}
 
-    def reread(self) -> dict[str, ServiceSpec]:
-        return load_specs(self.settings)
+    def reread(self, replicas: Mapping[str, int] | None = None) -> dict[str, ServiceSpec]:
+        if replicas is None:
+            replicas = self.desired.replicas
+        return load_specs(self.settings, replicas, self.models)
 
     async def serve(self, journal: UnitOutputForwarder | None) -> None:
         settings = self.settings
         notifier = Notifier.from_env()
-        desired = DesiredState.load(settings.state_dir)
+        desired = self.desired
         hub = OutputHub()
         server = ControlServer(
             {},
@@ -209,6 +220,7 @@ class Daemon:
                 reread=self.reread,
                 desired=desired,
                 request_shutdown=self.shutdown_requested.set,
+                models=lambda: self.models,
             )
             server.handlers.update(commands.handlers())
             await tg.start(server.serve)
@@ -251,20 +263,21 @@ def main(argv: list[str] | None = None) -> int:
     if sender is None:
         log.warning("journal.unavailable", reason="no journald socket; unit output stays in memory")
     try:
-        specs = load_specs(settings)
-    except UnitErrors as exc:
-        print(f"dynsupd: invalid units, nothing started:\n{exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    try:
         access = AccessPolicy.from_groups(
             settings.config.socket_group, settings.config.readonly_group
         )
     except ValueError as exc:
         print(f"dynsupd: {settings.config.source}: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    daemon = Daemon(settings, access)
+    try:
+        daemon.specs = daemon.reread()
+    except UnitErrors as exc:
+        print(f"dynsupd: invalid units, nothing started:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     try:
-        anyio.run(Daemon(settings, specs, access).serve, journal)
+        anyio.run(daemon.serve, journal)
     except AlreadyRunning as exc:
         print(f"dynsupd: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING

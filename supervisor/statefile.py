@@ -27,6 +27,8 @@ class DesiredState:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.overrides: dict[str, bool] = {}
+        # `dynsupctl scale MODEL[:ROLE] N`: replica counts that override the unit files.
+        self.replicas: dict[str, int] = {}
 
     @classmethod
     def load(cls, state_dir: Path) -> DesiredState:
@@ -41,7 +43,14 @@ class DesiredState:
         for name, wanted in data.get("wanted", {}).items():
             if isinstance(wanted, bool):
                 state.overrides[name] = wanted
+        for key, count in data.get("replicas", {}).items():
+            if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+                state.replicas[key] = count
         return state
+
+    def set_replicas(self, key: str, count: int) -> None:
+        self.replicas[key] = count
+        self.save()
 
     def wants(self, name: str, autostart: bool) -> bool:
         return self.overrides.get(name, autostart)
@@ -62,7 +71,12 @@ class DesiredState:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = tomli_w.dumps({"wanted": dict(sorted(self.overrides.items()))})
+        payload = tomli_w.dumps(
+            {
+                "wanted": dict(sorted(self.overrides.items())),
+                "replicas": dict(sorted(self.replicas.items())),
+            }
+        )
         fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as out:

@@ -39,6 +39,19 @@ UNSET = ("DYN_*", "ETCD_*", "NATS_*")
 NIXL = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
 IMPLICIT = ("etcd", "nats", "frontend")
 STOP_TIMEOUT = {"vllm": 60.0, "mocker": 10.0}
+# Flags dynsup sets itself: an engine_args key for one would come later and win.
+OWNED_ARGS = {
+    "vllm": frozenset({
+        "model", "served_model_name", "endpoint", "namespace", "discovery_backend",
+        "request_plane", "event_plane", "tensor_parallel_size", "disaggregation_mode",
+        "kv_events_config", "kv_transfer_config", "nnodes", "node_rank", "master_addr",
+        "master_port", "headless",
+    }),
+    "mocker": frozenset({
+        "model_path", "model_name", "endpoint", "namespace", "discovery_backend",
+        "request_plane", "event_plane", "disaggregation_mode",
+    }),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -266,12 +279,9 @@ class _Builder:
             requires=self.infra(),
         )
 
-    @staticmethod
-    def _serves(model: ModelSpec) -> bool:
-        if model.mode == "aggregated":
-            return model.replicas > 0
-        return bool(model.prefill and model.prefill.replicas and model.decode
-                    and model.decode.replicas)  # fmt: skip
+    def _serves(self, model: ModelSpec) -> bool:
+        """Has workers: the replica counts after `dynsupctl scale` overrides."""
+        return all(count > 0 for _, count, _ in self._roles(model))
 
     def _implicit(
         self,
@@ -308,14 +318,17 @@ class _Builder:
         seen: dict[str, ModelSpec] = {}
         for model in self.models:
             slug = component_slug(model.model)
-            other = seen.setdefault(slug, model)
-            if other is not model and other.model != model.model:
-                self.problems.add(
-                    model.source,
-                    "model.name",
-                    f"model name {model.model!r} makes the same Dynamo component "
-                    f"{slug!r} as {other.model!r} ({other.source}); rename one",
-                )
+            components = [slug, f"{slug}_prefill"] if model.mode == "disaggregated" else [slug]
+            for component in components:
+                other = seen.setdefault(component, model)
+                if other is not model and other.model != model.model:
+                    self.problems.add(
+                        model.source,
+                        "model.name",
+                        f"model name {model.model!r} makes the Dynamo component "
+                        f"{component!r}, as does {other.model!r} ({other.source}); rename one",
+                    )
+                    break
 
     def _roles(self, model: ModelSpec) -> list[tuple[str, int, dict[str, Any]]]:
         """(role, replicas, engine args) per pool; role "agg" for aggregated."""
@@ -337,6 +350,8 @@ class _Builder:
                 python_module("vllm")
         except MissingProgram as exc:
             self.problems.add(model.source, "model.engine", str(exc))
+            return []
+        if not self._check_owned_args(model):
             return []
         specs = []
         for role, count, args in self._roles(model):
@@ -429,6 +444,23 @@ class _Builder:
             source=model.source,
         )
         return [spec]
+
+    def _check_owned_args(self, model: ModelSpec) -> bool:
+        tables = [("model.engine_args", model.engine_args)]
+        for role, pool in (("prefill", model.prefill), ("decode", model.decode)):
+            if pool is not None:
+                tables.append((f"model.{role}.engine_args", pool.engine_args))
+        ok = True
+        for where, args in tables:
+            for key, _ in args:
+                if key.replace("-", "_") in OWNED_ARGS[model.engine]:
+                    ok = False
+                    self.problems.add(
+                        model.source,
+                        f"{where}.{key}",
+                        f"{key} is set by dynsup from the [model] keys and the stack; remove it",
+                    )
+        return ok
 
     def _rank_count(self, tp: int) -> int:
         per_node = self.ctx.gpus_per_node
