@@ -189,10 +189,7 @@ class ProcessGroup:
         unit's process group or carries the unit's token.
         """
         found: list[_Known] = []
-        try:
-            candidates = psutil.Process().children(recursive=True)
-        except psutil.Error:
-            return found
+        candidates = [psutil.Process(pid) for pid in own_descendants()]
         for proc in candidates:
             if proc.pid == self.pid:
                 continue  # the leader is reaped by watch_leader only
@@ -282,6 +279,32 @@ class ProcessGroup:
                 await anyio.sleep(interval)
                 interval = min(interval * 2, _EMPTY_POLL_MAX)
         return False
+
+
+def own_descendants(root: int | None = None) -> list[int]:
+    """Pids below root (default: this process), read from /proc/<pid>/task/*/children.
+
+    Walks only our own tree, so its cost grows with what we supervise, not with
+    every process on the node (psutil's children() reads all of /proc).
+    """
+    root = os.getpid() if root is None else root
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            found.extend(children)
+            todo.extend(children)
+    return found
 
 
 def _pgid_of(pid: int) -> int | None:

@@ -267,9 +267,12 @@ class Engine:
             with structlog.contextvars.bound_contextvars(unit=name), scope:
                 await self._run(unit, adopted)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._teardown(unit)
-            finished.set()
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._teardown(unit)
+            finally:
+                # Set even if teardown hit a bug, so stop_all never waits forever.
+                finished.set()
 
     async def _run(self, unit: _Unit, adopted: tuple[Placement, Spawned] | None) -> None:
         spec = unit.spec
@@ -425,8 +428,11 @@ class Engine:
     async def _teardown(self, unit: _Unit) -> None:
         """After the lifecycle ends, by itself or cancelled: nothing of it may run on."""
         spec = unit.spec
-        if unit.process_alive:
+        # STOPPING also when the process just exited and the exit is not yet
+        # handled (the unit still reads STARTING or RUNNING).
+        if unit.process_alive or unit.state in (State.STARTING, State.RUNNING):
             self._set_state(unit, State.STOPPING, reason="stop requested")
+        if unit.process_alive:
             try:
                 status = await self._agent_of(unit).stop(
                     spec.name, spec.stop_signal.name, spec.stop_timeout

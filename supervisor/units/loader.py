@@ -121,9 +121,7 @@ def load_units(
         one, problems = _parse_file(path, context)
         parsed.append(one)
         errors.extend(problems)
-    services = {
-        one.name: one.spec for one in parsed if isinstance(one.spec, ServiceSpec)
-    }
+    services = {one.name: one.spec for one in parsed if isinstance(one.spec, ServiceSpec)}
     others: dict[str, list[Any]] = {}
     for one in parsed:
         if one.spec is not None and not isinstance(one.spec, ServiceSpec):
@@ -252,9 +250,12 @@ def _parse_file(path: Path, context: Mapping[str, str] | None) -> tuple[_Parsed,
         return _Parsed(name, str(path), requires, None), problems.errors
     # [unit] applies to every kind that has its fields (stack settings: source only).
     own = {f.name for f in fields(spec)}
-    return _Parsed(name, str(path), requires, replace(spec, **{
-        key: value for key, value in header.items() if key in own
-    })), []
+    return _Parsed(
+        name,
+        str(path),
+        requires,
+        replace(spec, **{key: value for key, value in header.items() if key in own}),
+    ), []
 
 
 def _read_toml(path: Path, problems: Problems) -> dict[str, Any] | None:

@@ -204,7 +204,7 @@ def parse_model(
     if mode == "aggregated":
         for role, spec in roles.items():
             if spec is not None:
-                table.report(role, f"[model.{role}] is only for mode = \"disaggregated\"")
+                table.report(role, f'[model.{role}] is only for mode = "disaggregated"')
     else:
         roles = {role: spec or RoleSpec(replicas=1) for role, spec in roles.items()}
     return ModelSpec(
@@ -275,4 +275,3 @@ def _no_other_tables(document: Mapping[str, Any], kind: str, problems: Problems)
     for other in ("service", "ready", "resources"):
         if other in document:
             problems.add(other, f"[{other}] does not belong in a [{kind}] unit")
-
