@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import structlog
+from anyio.abc import TaskStatus
 
 from . import __version__
 from .agent import LocalAgent
@@ -228,11 +229,13 @@ class Daemon:
             tg.start_soon(notifier.run_watchdog)
             wanted = {n for n, spec in self.specs.items() if desired.wants(n, spec.autostart)}
             tg.start_soon(report_to_systemd, engine, notifier, wanted)
+            # Signals are caught before the first spawn: a SIGTERM from now on is
+            # an orderly stop, never the default action that would orphan children.
+            await tg.start(self._watch_signals)
             log.info("daemon.started", units=len(self.specs), pid=os.getpid(), socket=server.path)
             for name in self.specs:
                 if name in wanted:
                     engine.start_nowait(name)
-            tg.start_soon(self._watch_signals)
             await self.shutdown_requested.wait()
             server.begin_shutdown()
             notifier.stopping()
@@ -241,8 +244,11 @@ class Daemon:
         notifier.close()
         log.info("daemon.stopped")
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 log.info("daemon.stopping", signal=signal.Signals(signum).name)
                 self.shutdown_requested.set()

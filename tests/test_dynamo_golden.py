@@ -265,7 +265,7 @@ def common_env(namespace: str, kv: bool) -> dict[str, str]:
         "DYN_TCP_RPC_HOST": "127.0.0.1",
         "ETCD_ENDPOINTS": "http://127.0.0.1:2379",
         "HOME": f"{STATE}/home",
-        "NO_COLOR": "1",
+        "DYN_SDK_DISABLE_ANSI_LOGGING": "1",
     }
     if kv:
         env["PYTHONHASHSEED"] = "0"

@@ -64,7 +64,7 @@ def test_the_model_directory_is_in_the_repository() -> None:
 @pytest.mark.parametrize("name", ["tiny-0", "tiny-1"])
 def test_worker_argv(specs: dict[str, ServiceSpec], name: str) -> None:
     assert specs[name].command == (
-        PY, "-m", "dynamo.mocker",
+        PY, "-m", "supervisor.dynamo.mocker_launcher",  # dynamo.mocker, started faster
         "--model-path", str(DEMO / "model"),
         "--model-name", "tiny",
         "--endpoint", "dyn://demo.tiny.generate",
@@ -96,7 +96,7 @@ def test_worker_env(specs: dict[str, ServiceSpec], name: str) -> None:
         "DYN_TCP_RPC_HOST": "127.0.0.1",
         "HF_HUB_OFFLINE": "1",
         "HOME": f"{STATE}/home",
-        "NO_COLOR": "1",
+        "DYN_SDK_DISABLE_ANSI_LOGGING": "1",
         "PYTHONHASHSEED": "0",  # KV router
         "TRANSFORMERS_OFFLINE": "1",
     }
@@ -146,7 +146,7 @@ def test_frontend(specs: dict[str, ServiceSpec]) -> None:
         "DYN_TCP_RPC_HOST": "127.0.0.1",
         "HF_HUB_OFFLINE": "1",
         "HOME": f"{STATE}/home",
-        "NO_COLOR": "1",
+        "DYN_SDK_DISABLE_ANSI_LOGGING": "1",
         "PYTHONHASHSEED": "0",
         "TRANSFORMERS_OFFLINE": "1",
     }

@@ -151,7 +151,7 @@ class _Builder:
             # A writable home: the frontend caches model cards under ~/.cache.
             "HOME": str(Path(self.ctx.state_dir) / "home"),
             # Output goes to rings and journald, not a terminal: no colour codes.
-            "NO_COLOR": "1",
+            "DYN_SDK_DISABLE_ANSI_LOGGING": "1",
         }
         if self.use_etcd:
             env["ETCD_ENDPOINTS"] = self.etcd_url()
@@ -348,6 +348,9 @@ class _Builder:
             module = python_module(f"dynamo.{model.engine}")
             if model.engine == "vllm":
                 python_module("vllm")
+            else:
+                # Same mocker, without its 1.6 s import of transformers (see the module).
+                module = [*module[:-1], "supervisor.dynamo.mocker_launcher"]
         except MissingProgram as exc:
             self.problems.add(model.source, "model.engine", str(exc))
             return []
