@@ -172,6 +172,15 @@ async def report_to_systemd(engine: Engine, notifier: Notifier, wanted: set[str]
                     break
 
 
+async def flush_journal_on_exit(engine: Engine, journal: UnitOutputForwarder) -> None:
+    """A process's last line without a newline reaches journald when the process ends."""
+    ended = {State.BACKOFF, State.EXITED, State.FATAL, State.STOPPED}
+    with engine.subscribe() as changes:
+        async for snap in changes:
+            if snap.state in ended:
+                journal.flush(snap.name)
+
+
 def open_journal() -> tuple[JournalSender | None, UnitOutputForwarder | None]:
     """journald's native socket ($DYNSUP_JOURNAL_SOCKET picks a journal namespace's)."""
     path = os.environ.get("DYNSUP_JOURNAL_SOCKET") or JOURNAL_SOCKET
@@ -226,6 +235,8 @@ class Daemon:
             server.handlers.update(commands.handlers())
             await tg.start(server.serve)
             tg.start_soon(pump_output, agent, hub, journal)
+            if journal is not None:
+                tg.start_soon(flush_journal_on_exit, engine, journal)
             tg.start_soon(notifier.run_watchdog)
             wanted = {n for n, spec in self.specs.items() if desired.wants(n, spec.autostart)}
             tg.start_soon(report_to_systemd, engine, notifier, wanted)
