@@ -301,7 +301,7 @@ def test_golden_units_and_infrastructure(pattern: str, stack: Any) -> None:
         kind=ProbeKind.MODELS,
         target="http://127.0.0.1:8000/v1/models",
         models=(served,),
-        timeout=300,
+        timeout=600,  # as long as a vLLM worker may take to load
         interval=0.05,
     )
 

@@ -271,7 +271,8 @@ class _Builder:
                 kind=ProbeKind.MODELS,
                 target=f"http://{self.host}:{stack.frontend_port}/v1/models",
                 models=served,
-                timeout=300,
+                # As long as the slowest worker may take to load: the frontend waits for it.
+                timeout=600 if any(m.engine == "vllm" for m in self.models) else 300,
                 interval=0.05,
             ),
             env=self.dynamo_env(),
@@ -438,7 +439,8 @@ class _Builder:
                 kind=ProbeKind.HTTP,
                 target=f"http://{self.host}:{ports.system}/health",
                 timeout=600 if model.engine == "vllm" else 120,
-                interval=0.05,
+                # A vLLM worker logs an error for each early /health answer: ask seldom.
+                interval=1.0 if model.engine == "vllm" else 0.05,
             ),
             gpus=gpus,
             unset_env=UNSET,
