@@ -10,11 +10,13 @@ or a unit file is invalid (nothing is started then).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
+import socket
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,8 @@ import structlog
 from anyio.abc import TaskStatus
 
 from . import __version__
-from .agent import LocalAgent
-from .agent_api import Agent
+from .agent_api import ChunkBatch
+from .backends import Backend, OverCommitted, open_local, open_ray_backend, ray_wanted
 from .commands import Commands
 from .config import ConfigError, DaemonConfig, load_config
 from .control.paths import socket_path
@@ -124,18 +126,27 @@ def load_specs(
     return load_units([Path(d) for d in settings.unit_dirs], context=context, expand=expand)
 
 
-async def pump_output(agent: Agent, hub: OutputHub, journal: UnitOutputForwarder | None) -> None:
-    """Move output chunks from the agent to their consumers, as they are printed."""
-    cursor = 0
-    while True:
-        batch = await agent.next_chunks(cursor, timeout=30.0)
+def output_consumer(
+    hub: OutputHub, journal: UnitOutputForwarder | None
+) -> Callable[[ChunkBatch], None]:
+    """What to do with each batch of output the agents pump: probes, tail -f, journald."""
+
+    def consume(batch: ChunkBatch) -> None:
         if batch.lost:
             log.warning("output.lost", chunks=batch.lost)
         for chunk in batch.chunks:
             hub.publish(chunk)
             if journal is not None:
                 journal.feed(chunk)
-        cursor = batch.cursor
+
+    return consume
+
+
+def instance_name(state_dir: Path) -> str:
+    """This daemon's name on a Ray cluster: stable across its restarts, distinct
+    from another daemon's (another host, or another state directory)."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}-{digest}"
 
 
 def summary(engine: Engine) -> str:
@@ -198,6 +209,7 @@ class Daemon:
         self.shutdown_requested = anyio.Event()
         self.desired = DesiredState.load(settings.state_dir)
         self.models: dict[str, str] = {}
+        self.exit_code = EXIT_OK
 
     def reread(self, replicas: Mapping[str, int] | None = None) -> dict[str, ServiceSpec]:
         if replicas is None:
@@ -207,7 +219,6 @@ class Daemon:
     async def serve(self, journal: UnitOutputForwarder | None) -> None:
         settings = self.settings
         notifier = Notifier.from_env()
-        desired = self.desired
         hub = OutputHub()
         server = ControlServer(
             {},
@@ -217,24 +228,54 @@ class Daemon:
         )
         # Bind first: a second daemon must refuse before it touches any unit.
         await server.bind()
+        ray = settings.config.ray
+        if ray_wanted(ray, self.specs):
+            log.info("ray.on", address=ray.address or "embedded")
+            backend_context = open_ray_backend(
+                ray, settings.state_dir, instance_name(settings.state_dir)
+            )
+        else:
+            backend_context = open_local()
+        async with backend_context as backend:
+            try:
+                if backend.check is not None:
+                    await backend.check(self.specs)
+            except OverCommitted as exc:
+                print(f"dynsupd: refusing to start anything: {exc}", file=sys.stderr)
+                self.exit_code = EXIT_BAD_CONFIG
+                server.close()
+                return
+            await self._run(server, backend, hub, notifier, journal)
+        notifier.close()
+        log.info("daemon.stopped")
+
+    async def _run(
+        self,
+        server: ControlServer,
+        backend: Backend,
+        hub: OutputHub,
+        notifier: Notifier,
+        journal: UnitOutputForwarder | None,
+    ) -> None:
+        desired = self.desired
         async with (
-            LocalAgent() as agent,
-            Engine(agent, hub) as engine,
+            Engine(placer=backend.placer, output=hub) as engine,
             anyio.create_task_group() as tg,
         ):
             engine.load(self.specs)
             commands = Commands(
                 engine,
-                agent,
+                backend.agent,
                 hub,
                 reread=self.reread,
                 desired=desired,
                 request_shutdown=self.shutdown_requested.set,
                 models=lambda: self.models,
+                gpu_table=backend.gpu_table,
             )
             server.handlers.update(commands.handlers())
             await tg.start(server.serve)
-            tg.start_soon(pump_output, agent, hub, journal)
+            tg.start_soon(backend.pump, output_consumer(hub, journal))
             if journal is not None:
                 tg.start_soon(flush_journal_on_exit, engine, journal)
             tg.start_soon(notifier.run_watchdog)
@@ -244,16 +285,16 @@ class Daemon:
             # an orderly stop, never the default action that would orphan children.
             await tg.start(self._watch_signals)
             log.info("daemon.started", units=len(self.specs), pid=os.getpid(), socket=server.path)
+            if backend.adopt is not None:
+                await backend.adopt(engine, self.specs, wanted)
             for name in self.specs:
                 if name in wanted:
-                    engine.start_nowait(name)
+                    engine.start_nowait(name)  # adopted units are already supervised
             await self.shutdown_requested.wait()
             server.begin_shutdown()
             notifier.stopping()
             await engine.stop_all()
             tg.cancel_scope.cancel()
-        notifier.close()
-        log.info("daemon.stopped")
 
     async def _watch_signals(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -298,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunning as exc:
         print(f"dynsupd: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
-    return EXIT_OK
+    return daemon.exit_code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""Where the daemon's processes run: in-process, or under Ray agents (one per node).
+
+This is the one place that chooses; Ray is imported only when a Ray
+backend is opened, so a stack without GPU units (the demo) never pays
+for it. Both backends give the daemon the same things: a placer for the
+engine, an agent for the control verbs, a pump of output chunks, and a
+GPU table (None without Ray).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .agent import LocalAgent
+from .agent_api import Agent, ChunkBatch
+from .config import RayConfig
+from .engine import Engine
+from .engine.placement import Placer, SingleAgent
+from .engine.reload import fingerprint
+from .units.spec import ServiceSpec
+
+log = structlog.get_logger("dynsup.backend")
+
+OnBatch = Callable[[ChunkBatch], None]
+
+
+class OverCommitted(Exception):
+    """The units ask for more GPUs than the cluster has; nothing was started."""
+
+
+def ray_wanted(config: RayConfig, specs: Mapping[str, ServiceSpec]) -> bool:
+    if config.enabled is True or config.enabled is False:
+        return config.enabled
+    return bool(config.address) or any(spec.gpus > 0 for spec in specs.values())
+
+
+@dataclass
+class Backend:
+    placer: Placer
+    agent: Agent  # for the control verbs: tail, signal
+    pump: Callable[[OnBatch], Any]  # async: feeds output batches, forever
+    gpu_table: Callable[[], Any] | None = None  # async, for `dynsupctl gpus`
+    adopt: Callable[[Engine, Mapping[str, ServiceSpec], set[str]], Any] | None = None
+    check: Callable[[Mapping[str, ServiceSpec]], Any] | None = None  # async, before any start
+
+
+@asynccontextmanager
+async def open_local() -> AsyncIterator[Backend]:
+    async with LocalAgent() as agent:
+
+        async def pump(on_batch: OnBatch) -> None:
+            cursor = 0
+            while True:
+                batch = await agent.next_chunks(cursor, timeout=30.0)
+                on_batch(batch)
+                cursor = batch.cursor
+
+        yield Backend(placer=SingleAgent(agent), agent=agent, pump=pump)
+
+
+@asynccontextmanager
+async def open_ray_backend(
+    config: RayConfig, state_dir: Path, instance: str
+) -> AsyncIterator[Backend]:
+    from .placement.layout import PlacementError
+    from .placement.runtime import open_ray_runtime
+
+    num_gpus = config.num_gpus if config.num_gpus >= 0 else None
+    async with open_ray_runtime(
+        instance=instance, address=config.address, num_gpus=num_gpus, state_dir=state_dir
+    ) as runtime:
+
+        async def pump(on_batch: OnBatch) -> None:
+            await runtime.pump_output(on_batch)
+
+        async def gpu_table() -> Any:
+            return runtime.gpu_table()
+
+        async def check(specs: Mapping[str, ServiceSpec]) -> None:
+            try:
+                await runtime.placer.check_fits(specs.values())
+            except PlacementError as exc:
+                raise OverCommitted(str(exc)) from exc
+
+        async def adopt(engine: Engine, specs: Mapping[str, ServiceSpec], wanted: set[str]) -> None:
+            """Take over what a previous daemon left running; stop what no longer matches."""
+            survivors = await runtime.survivors()
+            keep = {
+                s.name
+                for s in survivors
+                if s.name in specs
+                and s.name in wanted
+                and s.spawned.tag == fingerprint(specs[s.name])
+            }
+            requires = {name: spec.requires for name, spec in specs.items()}
+            await runtime.stop_stale(survivors, keep, requires=requires)
+            for survivor in survivors:
+                if survivor.name in keep:
+                    engine.adopt(survivor.name, survivor.placement, survivor.spawned)
+                    log.info("unit.adopted", unit=survivor.name, pid=survivor.spawned.pid)
+
+        yield Backend(
+            placer=runtime.placer,
+            agent=runtime.agent,
+            pump=pump,
+            gpu_table=gpu_table,
+            adopt=adopt,
+            check=check,
+        )
