@@ -172,6 +172,31 @@ def ray_multinode() -> Iterator[LocalCluster]:
         assert not leftovers, f"cluster processes survived SIGKILL: {_describe(leftovers)}"
 
 
+def named_actors(namespace: str) -> list[str]:
+    """The live named actors of namespace (in this process's Ray)."""
+    import ray.util
+
+    return sorted(
+        entry["name"]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == namespace
+    )
+
+
+async def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until procs are gone (zombies count as gone); returns those still running.
+
+    Polls: a process that is not our child gives no event when it dies.
+    """
+    import anyio
+
+    alive = procs
+    with anyio.move_on_after(timeout):
+        while alive := [p for p in alive if _running(p)]:
+            await anyio.sleep(0.02)
+    return alive
+
+
 def run_driver(cluster: LocalCluster, code: str, timeout: float = 120.0) -> Any:
     """Run ``code`` as a Ray driver of ``cluster`` (its address is ``ADDRESS``); see run_python."""
     return run_python(code, cluster.env, timeout)

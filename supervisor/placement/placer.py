@@ -1,0 +1,271 @@
+"""`RayPlacer`: the engine's `Placer` over Ray placement groups and per-node agents.
+
+* A unit without GPUs runs on the agent of the daemon's own node.
+* A unit with ``gpus = n`` gets the group ``group_name(instance, unit, 0)``:
+  found when it exists (a restart of the unit, or a daemon restart),
+  else reserved with the layout ``plan_layout`` picks. Its GPU ids are read
+  by a probe task and become the process's ``CUDA_VISIBLE_DEVICES``.
+  One bundle: the unit runs on that bundle's node; k bundles: a
+  `GangAgent` runs rank r on bundle r.
+* ``release`` removes the group: only the end of a lifecycle frees GPUs,
+  so a crashing worker never loses them to another tenant.
+
+Before reserving, the unit and every unit already placed are checked
+against the cluster's capacity: an ask that can never fit fails at once
+with ``check_fits``'s message instead of waiting out the reservation
+timeout. Every failure reaches the engine as `PlacementFailed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from ..agent_api import Agent
+from ..engine.placement import Placement, PlacementFailed
+from ..units.spec import ServiceSpec
+from .gang import GangAgent, Rank
+from .groups import (
+    BundleGpus,
+    GroupExists,
+    Reservation,
+    ReservationTimeout,
+    find,
+    gpu_ids,
+    release,
+    reserve,
+    wait_ready,
+)
+from .layout import GpuRequest, PlacementError, check_fits, group_name, plan_layout
+from .ray_cluster import NodeInfo, RayHandle
+from .remote import AgentPool
+
+GPU_ENV = "CUDA_VISIBLE_DEVICES"
+# Ray's own workers (a vLLM that starts Ray inside the unit) would otherwise
+# reset CUDA_VISIBLE_DEVICES to the GPUs *they* asked Ray for.
+NOSET_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+@dataclass(frozen=True)
+class Held:
+    """A unit's group and the GPUs of each of its bundles (bundle r = rank r)."""
+
+    unit: str
+    reservation: Reservation
+    bundles: tuple[BundleGpus, ...]
+
+
+def bundle_env(bundle: BundleGpus) -> dict[str, str]:
+    return {GPU_ENV: bundle.cuda_visible_devices, NOSET_ENV: "1"}
+
+
+class RayPlacer:
+    def __init__(
+        self,
+        handle: RayHandle,
+        instance: str,
+        agents: AgentPool,
+        *,
+        reserve_timeout: float = 60.0,
+        probe_timeout: float = 60.0,
+    ) -> None:
+        self.handle = handle
+        self.instance = instance
+        self.agents = agents
+        self.reserve_timeout = reserve_timeout
+        self.probe_timeout = probe_timeout
+        self._held: dict[str, Held] = {}
+        self._placements: dict[str, Placement] = {}
+        self._nodes: list[NodeInfo] = []
+
+    # -- the Placer contract ---------------------------------------------------
+
+    async def place(self, spec: ServiceSpec) -> Placement:
+        if spec.gpus <= 0:
+            placement = Placement(agent=self.agents.local)
+            self._placements[spec.name] = placement
+            return placement
+        try:
+            held = await self._reserve(spec)
+        except PlacementError as exc:
+            raise PlacementFailed(f"{spec.name}: {exc}") from exc
+        except TimeoutError:
+            raise PlacementFailed(
+                f"{spec.name}: the GPU probe of its placement group did not run within "
+                f"{self.probe_timeout:g} s; the group was removed"
+            ) from None
+        except _ray_errors() as exc:
+            raise PlacementFailed(f"{spec.name}: Ray: {_first_line(exc)}") from exc
+        return self._remember(held)
+
+    async def release(self, spec: ServiceSpec) -> None:
+        self._placements.pop(spec.name, None)
+        held = self._held.pop(spec.name, None)
+        try:
+            reservation = held.reservation if held else None
+            if reservation is None and spec.gpus > 0:
+                reservation = await find(group_name(self.instance, spec.name, 0))
+            if reservation is not None:
+                await release(reservation)
+        except PlacementError as exc:
+            raise PlacementFailed(f"{spec.name}: {exc}") from exc
+        except _ray_errors() as exc:
+            raise PlacementFailed(f"{spec.name}: Ray: {_first_line(exc)}") from exc
+
+    # -- checks and queries ---------------------------------------------------
+
+    async def refresh_nodes(self) -> list[NodeInfo]:
+        """The cluster's nodes now (one GCS call); also what ``gpu_table`` shows."""
+        self._nodes = await anyio.to_thread.run_sync(self.handle.nodes, abandon_on_cancel=True)
+        return self._nodes
+
+    async def check_fits(self, specs: Iterable[ServiceSpec]) -> None:
+        """Raise `OverCommitError` unless every GPU unit of specs can hold its GPUs at once.
+
+        Run it before starting anything: its message names what each unit
+        asks for and what each node has.
+        """
+        check_fits(_requests(specs), _gpu_nodes(await self.refresh_nodes()))
+
+    def agent_of(self, name: str) -> Agent:
+        """The agent a unit was placed on (the local one when unknown)."""
+        placement = self._placements.get(name)
+        return placement.agent if placement is not None else self.agents.local
+
+    def gpus_of(self, name: str) -> list[str]:
+        held = self._held.get(name)
+        return [] if held is None else list(held.bundles[0].gpu_ids)
+
+    def held(self) -> dict[str, Held]:
+        return dict(self._held)
+
+    def gpu_table(self) -> list[dict[str, Any]]:
+        """Per node (as last refreshed), each GPU and the unit/replica/rank holding it.
+
+        Only this daemon's holdings are known: a GPU another tenant holds
+        shows as free here (Ray would still refuse to place on it).
+        """
+        rows: list[dict[str, Any]] = []
+        for node in self._nodes:
+            if not node.alive or node.gpus_total <= 0:
+                continue
+            holders: dict[str, tuple[str, int]] = {}
+            for held in self._held.values():
+                for rank, bundle in enumerate(held.bundles):
+                    if bundle.node_id == node.node_id:
+                        holders.update({gpu: (held.unit, rank) for gpu in bundle.gpu_ids})
+            ids = [str(i) for i in range(node.gpus_total)]
+            ids += sorted(set(holders) - set(ids))  # ids Ray reports as UUIDs
+            for gpu in ids:
+                unit, rank = holders.get(gpu, (None, None))
+                rows.append(
+                    {
+                        "node": node.address,
+                        "node_id": node.node_id,
+                        "gpu": gpu,
+                        "unit": unit,
+                        "replica": None if unit is None else 0,
+                        "rank": rank,
+                    }
+                )
+        return rows
+
+    # -- adoption ---------------------------------------------------------------
+
+    async def attach(self, unit: str) -> Placement | None:
+        """The placement of a unit whose group exists (a daemon restart), or None."""
+        reservation = await find(group_name(self.instance, unit, 0))
+        if reservation is None:
+            return None
+        bundles = await gpu_ids(reservation, self.probe_timeout)
+        return self._remember(Held(unit, reservation, tuple(bundles)))
+
+    def attach_plain(self, unit: str, agent: Agent) -> Placement:
+        """The placement of an adopted unit without GPUs, on the agent hosting it."""
+        placement = self._placements[unit] = Placement(agent=agent)
+        return placement
+
+    def placement_of(self, unit: str) -> Placement | None:
+        return self._placements.get(unit)
+
+    def forget(self, unit: str) -> None:
+        self._placements.pop(unit, None)
+        self._held.pop(unit, None)
+
+    # -- internals ---------------------------------------------------------------
+
+    async def _reserve(self, spec: ServiceSpec) -> Held:
+        nodes = _gpu_nodes(await self.refresh_nodes())
+        layout = plan_layout(spec.gpus, nodes)
+        others = [h for name, h in self._held.items() if name != spec.name]
+        asks = [GpuRequest(h.unit, 1, h.reservation.layout.total_gpus) for h in others]
+        check_fits([*asks, GpuRequest(spec.name, 1, spec.gpus)], nodes)
+        name = group_name(self.instance, spec.name, 0)
+        reservation = await find(name)
+        if reservation is not None and reservation.layout.total_gpus != spec.gpus:
+            await release(reservation)  # made for another size of the unit
+            reservation = None
+        if reservation is None:
+            try:
+                reservation = await reserve(name, layout, self.reserve_timeout)
+            except GroupExists:
+                reservation = await find(name)  # made concurrently by another call
+                if reservation is None:
+                    raise
+        try:
+            await wait_ready(reservation, self.reserve_timeout)
+            bundles = await gpu_ids(reservation, self.probe_timeout)
+        except (ReservationTimeout, TimeoutError):
+            # Not left pending: it would grab GPUs whenever they free up.
+            with anyio.CancelScope(shield=True):
+                await release(reservation)
+            raise
+        return Held(spec.name, reservation, tuple(bundles))
+
+    def _remember(self, held: Held) -> Placement:
+        self._held[held.unit] = held
+        placement = self._placement(held)
+        self._placements[held.unit] = placement
+        return placement
+
+    def _placement(self, held: Held) -> Placement:
+        bundles = held.bundles
+        if len(bundles) == 1:
+            (bundle,) = bundles
+            return Placement(
+                agent=self.agents.get(bundle.node_id),
+                env=bundle_env(bundle),
+                gpus=bundle.gpu_ids,
+                node=bundle.node_ip,
+            )
+        ranks = [Rank(self.agents.get(b.node_id), bundle_env(b), b.node_ip) for b in bundles]
+        # Each rank's CUDA_VISIBLE_DEVICES is its own bundle's: the gang adds it.
+        return Placement(
+            agent=GangAgent(held.unit, ranks),
+            gpus=bundles[0].gpu_ids,
+            node=bundles[0].node_ip,
+        )
+
+
+def _requests(specs: Iterable[ServiceSpec]) -> list[GpuRequest]:
+    return [GpuRequest(spec.name, 1, spec.gpus) for spec in specs if spec.gpus > 0]
+
+
+def _gpu_nodes(nodes: list[NodeInfo]) -> list[tuple[str, int]]:
+    return [(n.node_id, n.gpus_total) for n in nodes if n.alive and n.gpus_total > 0]
+
+
+def _ray_errors() -> tuple[type[BaseException], ...]:
+    # Ray's failures when the GCS is unreachable; anything else is a bug.
+    import ray.exceptions
+
+    return (ray.exceptions.RayError, ConnectionError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
