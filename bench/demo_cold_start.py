@@ -34,7 +34,7 @@ the real directory is used and busy ports are an error.
 ``--explain`` also times the imports that dominate a cold start, each in a
 fresh interpreter (median of 3): ``dynamo.mocker.main`` (which imports
 ``transformers`` at module level only to compute ``kv_bytes_per_token``),
-``transformers`` alone, ``dynamo.frontend.main`` and ``supervisor.daemon``.
+``transformers`` alone, ``dynamo.frontend.main`` and ``dynsup.daemon``.
 
 ``--variant lazy-transformers`` measures the proposed change without
 touching the supervisor: a copy of the demo (implies ``--free-ports``)
@@ -112,8 +112,8 @@ def free_port_base(models: list[tuple[str, list[tuple[str, int]]]]) -> int:
     """A port_base in 22000..30000 whose worker ports (for these models) are all free."""
     import random
 
-    from supervisor.dynamo.ports import model_blocks
-    from supervisor.dynamo.ports import worker_ports as ports_of
+    from dynsup.dynamo.ports import model_blocks
+    from dynsup.dynamo.ports import worker_ports as ports_of
 
     for _ in range(200):
         base = random.randrange(22000, 30000)
@@ -135,8 +135,8 @@ def free_port_base(models: list[tuple[str, list[tuple[str, int]]]]) -> int:
 
 def load_specs(units: Path, state_dir: str = "/nonexistent") -> dict:
     """The services dynsupd makes of ``units`` (implicit units and workers included)."""
-    from supervisor.dynamo import StackContext, expand_stack
-    from supervisor.units import load_units
+    from dynsup.dynamo import StackContext, expand_stack
+    from dynsup.units import load_units
 
     stack = StackContext(state_dir=state_dir)
     return load_units(
@@ -529,7 +529,7 @@ IMPORTS = [
     ("import transformers (AutoConfig)", "import transformers; transformers.AutoConfig"),
     ("import dynamo.mocker.main", "import dynamo.mocker.main"),
     ("import dynamo.frontend.main", "import dynamo.frontend.main"),
-    ("import supervisor.daemon", "import supervisor.daemon"),
+    ("import dynsup.daemon", "import dynsup.daemon"),
 ]
 
 

@@ -128,7 +128,7 @@ class Daemon:
 
 def ray_rss_mib(state_dir: Path) -> float:
     """Resident memory of the embedded Ray head's processes (agents included)."""
-    from supervisor.placement.head import _head_processes, read_head
+    from dynsup.placement.head import _head_processes, read_head
 
     head = read_head(state_dir)
     if head is None:

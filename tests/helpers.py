@@ -13,9 +13,9 @@ from typing import Any
 import anyio
 import psutil
 
-from supervisor.agent import LocalAgent
-from supervisor.engine import Engine, OutputHub, State, UnitStatus
-from supervisor.units.spec import ServiceSpec, freeze_env
+from dynsup.agent import LocalAgent
+from dynsup.engine import Engine, OutputHub, State, UnitStatus
+from dynsup.units.spec import ServiceSpec, freeze_env
 
 
 def python(code: str) -> tuple[str, ...]:

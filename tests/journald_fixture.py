@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.logs.journald import JOURNAL_SOCKET, journal_is_live
+from dynsup.logs.journald import JOURNAL_SOCKET, journal_is_live
 
 JOURNALD = "/lib/systemd/systemd-journald"
 _START_TIMEOUT = 10.0

@@ -42,7 +42,7 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor.placement import RayHandle, connect, group_prefix
+from dynsup.placement import RayHandle, connect, group_prefix
 
 TEST_SESSION_MARK = "DYNSUP_TEST_SESSION"  # conftest's per-test leak check
 CLUSTER_MARK = "DYNSUP_TEST_RAY_CLUSTER"  # every process of one ray_multinode cluster

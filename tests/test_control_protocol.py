@@ -28,21 +28,21 @@ import pytest
 from anyio.abc import SocketStream
 from structlog.testing import capture_logs
 
-from supervisor.control import protocol
-from supervisor.control.client import (
+from dynsup.control import protocol
+from dynsup.control.client import (
     Client,
     ConnectionLost,
     DaemonUnreachable,
 )
-from supervisor.control.paths import (
+from dynsup.control.paths import (
     UnsafeSocketDir,
     check_private_dir,
     prepare_socket_dir,
     socket_path,
 )
-from supervisor.control.peercred import AccessPolicy
-from supervisor.control.protocol import MAX_LINE, CommandError
-from supervisor.control.server import AlreadyRunning, ControlServer, Stream
+from dynsup.control.peercred import AccessPolicy
+from dynsup.control.protocol import MAX_LINE, CommandError
+from dynsup.control.server import AlreadyRunning, ControlServer, Stream
 
 pytestmark = pytest.mark.anyio
 
@@ -669,7 +669,7 @@ def ctl_handlers() -> dict[str, Any]:
 
 async def run_ctl(*args: str) -> subprocess.CompletedProcess[bytes]:
     return await anyio.run_process(
-        [sys.executable, "-m", "supervisor.ctl", *args], check=False, cwd=REPO
+        [sys.executable, "-m", "dynsup.ctl", *args], check=False, cwd=REPO
     )
 
 
@@ -696,7 +696,7 @@ async def test_ctl_tail_follow_ends_quietly_on_ctrl_c(sock_path: str) -> None:
     server = ControlServer(ctl_handlers(), path=sock_path, read_only_verbs=frozenset())
     async with anyio.create_task_group() as tg:
         await tg.start(server.serve)
-        cmd = [sys.executable, "-m", "supervisor.ctl", "--socket", sock_path, "tail", "-f", "x"]
+        cmd = [sys.executable, "-m", "dynsup.ctl", "--socket", sock_path, "tail", "-f", "x"]
         async with await anyio.open_process(cmd, cwd=REPO) as proc:
             assert proc.stdout is not None and proc.stderr is not None
             with anyio.fail_after(20):
@@ -715,7 +715,7 @@ def test_ctl_imports_no_daemon_libraries() -> None:
             "-X",
             "importtime",
             "-m",
-            "supervisor.ctl",
+            "dynsup.ctl",
             "--socket",
             "/nonexistent",
             "version",
@@ -732,7 +732,7 @@ def test_ctl_imports_no_daemon_libraries() -> None:
         m for m in imported if m.split(".")[0] in {"anyio", "structlog", "psutil", "ray", "trio"}
     }
     assert not heavy, heavy
-    assert "supervisor.control.client" in imported
+    assert "dynsup.control.client" in imported
 
 
 # -- peer credentials, as other users ------------------------------------------------
@@ -745,8 +745,8 @@ CLIENT_SNIPPET = textwrap.dedent(
     """
     import json, sys
     sys.path.insert(0, sys.argv[1])
-    from supervisor.control.client import Client, DaemonUnreachable
-    from supervisor.control.protocol import CommandError
+    from dynsup.control.client import Client, DaemonUnreachable
+    from dynsup.control.protocol import CommandError
     try:
         print(json.dumps({"ok": Client(sys.argv[2], timeout=10).call(sys.argv[3])}))
     except CommandError as exc:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from supervisor import ctl
-from supervisor.control.protocol import BAD_CONFIG, BAD_NAME, FAILED, NOT_RUNNING, CommandError
+from dynsup import ctl
+from dynsup.control.protocol import BAD_CONFIG, BAD_NAME, FAILED, NOT_RUNNING, CommandError
 
 
 def unit(name: str, state: str, **fields: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.dynamo.ports import model_blocks, worker_ports
+from dynsup.dynamo.ports import model_blocks, worker_ports
 
 from .daemon_helpers import Dynsupd, run_dynsupd, write_unit
 

@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-import supervisor.dynamo.expand as expand_module
-from supervisor.dynamo import StackContext, expand_stack
-from supervisor.dynamo.binaries import etcd_binary, python_module
-from supervisor.units import (
+import dynsup.dynamo.expand as expand_module
+from dynsup.dynamo import StackContext, expand_stack
+from dynsup.dynamo.binaries import etcd_binary, python_module
+from dynsup.units import (
     ProbeKind,
     ReadySpec,
     RestartPolicy,

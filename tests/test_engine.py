@@ -7,9 +7,9 @@ import signal
 import anyio
 import pytest
 
-from supervisor.agent import LocalAgent
-from supervisor.engine import Engine, State
-from supervisor.units.spec import ProbeKind, ReadySpec, RestartPolicy
+from dynsup.agent import LocalAgent
+from dynsup.engine import Engine, State
+from dynsup.units.spec import ProbeKind, ReadySpec, RestartPolicy
 
 from .helpers import alive, open_engine, service, wait_for
 

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING
 import pytest
 import structlog
 
-from supervisor.agent_api import LogChunk
-from supervisor.logs import (
+from dynsup.agent_api import LogChunk
+from dynsup.logs import (
     JournalSender,
     LineSplitter,
     UnitOutputForwarder,
     configure_logging,
     journal_is_live,
 )
-from supervisor.logs.journald import MEMFD_THRESHOLD, encode_entry, field_name
+from dynsup.logs.journald import MEMFD_THRESHOLD, encode_entry, field_name
 
 if TYPE_CHECKING:
     from tests.journald_fixture import Journald

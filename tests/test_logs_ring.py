@@ -7,7 +7,7 @@ import sys
 import anyio
 import pytest
 
-from supervisor.logs import LogStore, RingBuffer
+from dynsup.logs import LogStore, RingBuffer
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.dynamo import mocker_launcher
+from dynsup.dynamo import mocker_launcher
 
 DEMO_MODEL = Path(__file__).parent.parent / "units" / "demo" / "model"
 
@@ -42,7 +42,7 @@ def test_same_kv_bytes_as_dynamo(tmp_path: Path) -> None:
     models = [str(DEMO_MODEL), _model(tmp_path / "gqa", gqa), _model(tmp_path / "mha", mha)]
     code = (
         "import sys, json;"
-        "from supervisor.dynamo.mocker_launcher import install_stand_in, KV_CACHE;"
+        "from dynsup.dynamo.mocker_launcher import install_stand_in, KV_CACHE;"
         "assert install_stand_in(); m = sys.modules[KV_CACHE];"
         "print(json.dumps([[m.compute_kv_bytes_per_token(p, d) for d in ('auto', 'fp8')]"
         f" for p in {models!r}]))"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from supervisor.placement.layout import (
+from dynsup.placement.layout import (
     GpuRequest,
     Layout,
     LayoutError,
@@ -139,6 +139,6 @@ def test_group_names_refuse_parts_with_slashes(instance: str, unit: str) -> None
 
 
 def test_the_package_does_not_import_ray() -> None:
-    # The CLI may import supervisor.placement; Ray (0.6 s) must stay unloaded.
-    code = "import sys, supervisor.placement; assert 'ray' not in sys.modules"
+    # The CLI may import dynsup.placement; Ray (0.6 s) must stay unloaded.
+    code = "import sys, dynsup.placement; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from supervisor.placement import (
+from dynsup.placement import (
     GroupExists,
     GroupLost,
     Layout,
@@ -31,7 +31,7 @@ from supervisor.placement import (
     release,
     reserve,
 )
-from supervisor.placement.layout import GpuRequest
+from dynsup.placement.layout import GpuRequest
 from tests.ray_fixtures import (
     EMBEDDED_GPUS,
     WORKER_GPUS,
@@ -181,7 +181,7 @@ async def test_list_groups_lists_only_its_instance(ray_instance: str) -> None:
 
 OPEN_RAY_DRIVER = """
 import anyio, psutil
-from supervisor.placement import Layout, Strategy, gpu_ids, open_ray, reserve
+from dynsup.placement import Layout, Strategy, gpu_ids, open_ray, reserve
 
 async def main():
     with anyio.CancelScope() as scope:
@@ -211,7 +211,7 @@ def test_open_ray_serves_async_code_and_ends_ray_when_cancelled() -> None:
 
 SPREAD_DRIVER = """
 import asyncio, time
-from supervisor.placement import connect, group_name, gpu_ids, plan_layout, release, reserve
+from dynsup.placement import connect, group_name, gpu_ids, plan_layout, release, reserve
 
 async def main():
     handle = connect(ADDRESS, num_gpus=None, namespace="dynsup-spread")
@@ -246,8 +246,8 @@ def test_a_spread_group_lands_on_two_nodes(ray_multinode: LocalCluster) -> None:
 
 RESTART_DRIVER = """
 import asyncio, sys
-from supervisor.placement import Layout, Strategy, connect, find, gpu_ids, list_groups
-from supervisor.placement import release, reserve
+from dynsup.placement import Layout, Strategy, connect, find, gpu_ids, list_groups
+from dynsup.placement import release, reserve
 
 STEP, NAMESPACE = sys.argv[1], sys.argv[2]
 NAME = "dynsup/restart/llama/0"

@@ -11,7 +11,7 @@ import anyio
 import psutil
 import pytest
 
-from supervisor.process import ProcessGroup, become_subreaper
+from dynsup.process import ProcessGroup, become_subreaper
 
 pytestmark = pytest.mark.anyio
 
@@ -125,7 +125,7 @@ async def test_leftovers_die_when_the_leader_exits_by_itself() -> None:
 
 
 async def test_reused_pid_is_never_signalled() -> None:
-    from supervisor.process import _kill_if_same, _Known
+    from dynsup.process import _kill_if_same, _Known
 
     victim = ProcessGroup.spawn("t", python("import time; time.sleep(600)"), dict(os.environ), None)
     wrong = _Known(victim.pid, victim.start_time - 100.0)  # as if the pid had been reused

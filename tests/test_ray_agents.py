@@ -23,12 +23,12 @@ import anyio
 import psutil
 import pytest
 
-from supervisor.agent import LocalAgent
-from supervisor.agent_api import ChunkBatch, NotRunning, Spawned, SpawnError
-from supervisor.placement import RayHandle, namespace_for
-from supervisor.placement.actor import actor_name
-from supervisor.placement.gang import GangAgent, Rank
-from supervisor.placement.remote import RemoteAgent, agents_of, get_or_create_agent
+from dynsup.agent import LocalAgent
+from dynsup.agent_api import ChunkBatch, NotRunning, Spawned, SpawnError
+from dynsup.placement import RayHandle, namespace_for
+from dynsup.placement.actor import actor_name
+from dynsup.placement.gang import GangAgent, Rank
+from dynsup.placement.remote import RemoteAgent, agents_of, get_or_create_agent
 from tests.ray_fixtures import RESULT_PREFIX, named_actors, ray_embedded, ray_instance, wait_gone
 
 from .helpers import alive, python
@@ -261,10 +261,10 @@ async def test_a_half_started_gang_is_stopped() -> None:
 
 DAEMON = """
 import os, sys, anyio
-from supervisor.engine import Engine, OutputHub, State
-from supervisor.engine.reload import fingerprint
-from supervisor.placement import list_groups
-from supervisor.placement.runtime import open_ray_runtime
+from dynsup.engine import Engine, OutputHub, State
+from dynsup.engine.reload import fingerprint
+from dynsup.placement import list_groups
+from dynsup.placement.runtime import open_ray_runtime
 from tests.helpers import service
 
 STEP, STATE = sys.argv[1], sys.argv[2]

@@ -16,11 +16,11 @@ import anyio
 import psutil
 import pytest
 
-from supervisor.agent_api import ChunkBatch
-from supervisor.engine import Engine, OutputHub, State
-from supervisor.placement import OverCommitError, RayHandle, list_groups, namespace_for
-from supervisor.placement.runtime import RayRuntime, open_runtime
-from supervisor.units.spec import ProbeKind, ReadySpec, ServiceSpec
+from dynsup.agent_api import ChunkBatch
+from dynsup.engine import Engine, OutputHub, State
+from dynsup.placement import OverCommitError, RayHandle, list_groups, namespace_for
+from dynsup.placement.runtime import RayRuntime, open_runtime
+from dynsup.units.spec import ProbeKind, ReadySpec, ServiceSpec
 from tests.ray_fixtures import (
     EMBEDDED_GPUS,
     LocalCluster,
@@ -211,11 +211,11 @@ async def test_a_killed_agent_is_replaced_and_takes_its_processes_along(
 SPREAD_DRIVER = """
 import os, signal, time
 import anyio, anyio.to_thread, psutil
-from supervisor.engine import Engine, OutputHub, State
-from supervisor.placement import connect, list_groups, namespace_for
-from supervisor.placement.gang import GangAgent
-from supervisor.placement.runtime import open_runtime
-from supervisor.units.spec import ProbeKind, ReadySpec
+from dynsup.engine import Engine, OutputHub, State
+from dynsup.placement import connect, list_groups, namespace_for
+from dynsup.placement.gang import GangAgent
+from dynsup.placement.runtime import open_runtime
+from dynsup.units.spec import ProbeKind, ReadySpec
 from tests.helpers import service
 from tests.ray_fixtures import named_actors
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from supervisor.units import (
+from dynsup.units import (
     KIND_PARSERS,
     DependencyError,
     DuplicateUnitError,
@@ -33,7 +33,7 @@ from supervisor.units import (
     load_units,
     parse_duration,
 )
-from supervisor.units.errors import Invalid, Problems
+from dynsup.units.errors import Invalid, Problems
 
 FIXTURES = Path(__file__).parent / "fixtures" / "units"
 GOOD = FIXTURES / "good"

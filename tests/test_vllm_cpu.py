@@ -38,9 +38,6 @@ process tree, vLLM's EngineCore and Worker included, about 4.4 GB RSS)::
         install --force-reinstall 'torch==2.13.0' 'torchvision==0.28.0'
     /work/vllm-venv/bin/pip install 'numpy==2.3.5'  # mistral-common wants < 2.4
     /work/vllm-venv/bin/pip uninstall -y torchaudio torchcodec
-    # vllm → model-hosting-container-standards → `supervisor` (supervisord),
-    # whose top-level package `supervisor` shadows dynsup's: remove it.
-    /work/vllm-venv/bin/pip uninstall -y supervisor
     /work/vllm-venv/bin/pytest -m vllm tests/test_vllm_cpu.py -x -q -s
 
 Name this file on the command line: ai-dynamo installs a pytest plugin
@@ -68,7 +65,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.dynamo.ports import model_blocks, worker_ports
+from dynsup.dynamo.ports import model_blocks, worker_ports
 
 from .daemon_helpers import Dynsupd, run_dynsupd, write_unit
 
@@ -93,13 +90,11 @@ def require_vllm() -> None:
     """Skip only when vLLM is absent; a vLLM that is there must import."""
     if importlib.util.find_spec("vllm") is None:
         pytest.importorskip("vllm", reason=NO_VLLM)
-    import supervisor
+    # vllm → model-hosting-container-standards installs supervisord, whose import
+    # package is `supervisor`: dynsup's own package is named dynsup for that reason.
+    import dynsup
 
-    assert hasattr(supervisor, "__version__"), (
-        f"`import supervisor` finds {supervisor.__file__}, not dynsup: supervisord's "
-        "package (vllm → model-hosting-container-standards → supervisor) shadows it; "
-        "`pip uninstall supervisor` in this environment"
-    )
+    assert hasattr(dynsup, "__version__")
 
 
 # -- the model and the units -------------------------------------------------

@@ -289,12 +289,23 @@ class Engine:
         while True:
             try:
                 took_over = adopted is not None
+                lines = None
                 if adopted is not None:
                     unit.placement, spawned = adopted
                     adopted = None
                     self._took_over(unit, spawned)
                 else:
-                    spawned = await self._spawn(unit)
+                    # A log probe listens before the spawn: with a remote agent
+                    # the first lines can arrive before spawn() returns.
+                    lines = self._output.subscribe(spec.name, None) if _is_log_probe(spec) else None
+                    try:
+                        spawned = await self._spawn(unit)
+                    except BaseException:
+                        if lines is not None:
+                            lines.close()
+                        raise
+                    if lines is not None:
+                        lines.bind(spawned.pid)
             except PortBusy as exc:
                 # Often the previous holder is still going away: a failed start.
                 log.warning("unit.port_busy", error=str(exc))
@@ -303,7 +314,7 @@ class Engine:
                 self._set_state(unit, State.FATAL, reason=str(exc))
                 return
             else:
-                status, up_for = await self._supervise(unit, spawned, took_over)
+                status, up_for = await self._supervise(unit, spawned, took_over, lines)
             if up_for >= healthy_after(spec):
                 failures = 0
             if not should_restart(spec.restart, status, spec.success_exit_codes):
@@ -361,7 +372,11 @@ class Engine:
         self._set_state(unit, State.STARTING, reason="adopted from a previous daemon")
 
     async def _supervise(
-        self, unit: _Unit, spawned: Spawned, took_over: bool = False
+        self,
+        unit: _Unit,
+        spawned: Spawned,
+        took_over: bool = False,
+        lines: LineSubscription | None = None,
     ) -> tuple[ExitStatus, float]:
         """Wait ready (or exit first), then exit. Returns the status and time spent RUNNING."""
         spec = unit.spec
@@ -370,7 +385,9 @@ class Engine:
         if took_over and _is_log_probe(spec):
             # The line it waits for was printed to the previous daemon's watch.
             spec = replace(spec, ready=None, start_seconds=0.0)
-        lines = self._output.subscribe(spec.name, spawned.pid) if _is_log_probe(spec) else None
+        if lines is not None and not _is_log_probe(spec):
+            lines.close()
+            lines = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_exit, unit, box)
             try:

@@ -22,7 +22,6 @@ from .agent_api import Agent, ChunkBatch
 from .config import RayConfig
 from .engine import Engine
 from .engine.placement import Placer, SingleAgent
-from .engine.reload import fingerprint
 from .units.spec import ServiceSpec
 
 log = structlog.get_logger("dynsup.backend")
@@ -91,13 +90,8 @@ async def open_ray_backend(
         async def adopt(engine: Engine, specs: Mapping[str, ServiceSpec], wanted: set[str]) -> None:
             """Take over what a previous daemon left running; stop what no longer matches."""
             survivors = await runtime.survivors()
-            keep = {
-                s.name
-                for s in survivors
-                if s.name in specs
-                and s.name in wanted
-                and s.spawned.tag == fingerprint(specs[s.name])
-            }
+            # Same spec (the fingerprint given at spawn) and its GPUs still reserved.
+            keep = {s.name for s in runtime.adoptable(survivors, specs) if s.name in wanted}
             requires = {name: spec.requires for name, spec in specs.items()}
             await runtime.stop_stale(survivors, keep, requires=requires)
             for survivor in survivors:

@@ -351,7 +351,7 @@ class _Builder:
                 python_module("vllm")
             else:
                 # Same mocker, without its 1.6 s import of transformers (see the module).
-                module = [*module[:-1], "supervisor.dynamo.mocker_launcher"]
+                module = [*module[:-1], "dynsup.dynamo.mocker_launcher"]
         except MissingProgram as exc:
             self.problems.add(model.source, "model.engine", str(exc))
             return []

@@ -29,7 +29,7 @@ from . import __version__
 from .agent_api import ChunkBatch
 from .backends import Backend, OverCommitted, open_local, open_ray_backend, ray_wanted
 from .commands import Commands
-from .config import ConfigError, DaemonConfig, load_config
+from .config import ConfigError, DaemonConfig, RayConfig, load_config
 from .control.paths import socket_path
 from .control.server import AccessPolicy, AlreadyRunning, ControlServer
 from .dynamo import StackContext, expand_stack
@@ -100,6 +100,15 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def gpus_per_node(ray: RayConfig) -> int | None:
+    """GPUs of one node, which decides when a model's TP group spans nodes."""
+    if ray.gpus_per_node > 0:
+        return ray.gpus_per_node
+    if ray.num_gpus > 0 and not ray.address:
+        return ray.num_gpus  # the embedded head is one node
+    return None
+
+
 def load_specs(
     settings: Settings,
     replicas: Mapping[str, int] | None = None,
@@ -113,7 +122,7 @@ def load_specs(
     ray = settings.config.ray
     stack = StackContext(
         state_dir=str(settings.state_dir),
-        gpus_per_node=ray.num_gpus if ray.num_gpus > 0 and not ray.address else None,
+        gpus_per_node=gpus_per_node(ray),
         replicas=replicas or {},
     )
 

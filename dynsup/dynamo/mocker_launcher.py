@@ -9,7 +9,7 @@ its constants are read from the real module's source (parsed, not run), and
 `config.json`, handing anything else (a hub id, an odd config) to the real
 function, imported only then. Then it runs the mocker's own `__main__`.
 
-Run as: python -m supervisor.dynamo.mocker_launcher <dynamo.mocker arguments>
+Run as: python -m dynsup.dynamo.mocker_launcher <dynamo.mocker arguments>
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The ``[service]`` kind: ``[service]``, ``[ready]`` and ``[resources]`` → ServiceSpec.
 
 Keys and defaults are those of DESIGN.md ("Units") and of
-:class:`~supervisor.units.spec.ServiceSpec`. Points worth knowing:
+:class:`~dynsup.units.spec.ServiceSpec`. Points worth knowing:
 
 * ``command`` is an argv array, never run through a shell. A string is
   split the way a POSIX shell splits words (``shlex.split``), and nothing

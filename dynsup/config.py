@@ -13,6 +13,8 @@ readonly_group = ""            # group allowed read-only verbs
 enabled = "auto"               # true | false | "auto" (on when a unit asks for GPUs)
 address = ""                   # "": embedded local Ray; "auto" / "ray://...": join
 num_gpus = -1                  # embedded only: GPUs to declare (-1: detect)
+gpus_per_node = -1             # GPUs of one node, for model units' multi-node TP ranks
+                               # (-1: num_gpus of the embedded head; set it when joining)
 ```
 """
 
@@ -40,6 +42,7 @@ class RayConfig:
     enabled: bool | str = "auto"
     address: str = ""
     num_gpus: int = -1
+    gpus_per_node: int = -1
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ _RAY_KEYS: dict[str, type | tuple[type, ...]] = {
     "enabled": (bool, str),
     "address": str,
     "num_gpus": int,
+    "gpus_per_node": int,
 }
 
 

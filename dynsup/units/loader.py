@@ -4,7 +4,7 @@ A file's stem is its unit's name. Each file is read on its own (TOML,
 the common ``[unit]`` table, then the parser of its kind); the directory
 as a whole is then checked for duplicate names and for ``requires`` that
 name no unit or form a cycle. Every problem of every file is gathered and
-raised at the end as one :class:`~supervisor.units.errors.UnitErrors`.
+raised at the end as one :class:`~dynsup.units.errors.UnitErrors`.
 
 Kinds are told apart by their top-level table. :data:`KIND_PARSERS` maps
 a kind to its parser; a kind in :data:`KINDS` without a parser is

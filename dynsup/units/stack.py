@@ -1,6 +1,6 @@
 """The ``[dynamo]`` and ``[model]`` kinds: stack settings and model units.
 
-These only describe; `supervisor.dynamo` expands them into services.
+These only describe; `dynsup.dynamo` expands them into services.
 
 ``[dynamo]`` (one file per stack; its name does not matter)::
 

@@ -19,14 +19,30 @@ _MAX_LINE = 64 * 1024
 
 
 class LineSubscription:
-    def __init__(self, hub: OutputHub, name: str, pid: int, buffer: int) -> None:
+    def __init__(self, hub: OutputHub, name: str, pid: int | None, buffer: int) -> None:
         self.name = name
+        # None until the process is spawned: lines that arrive first are kept
+        # and sorted out by pid once it is known (bind).
         self.pid = pid
+        self._early: list[LogChunk] = []
         self._hub = hub
         self._partial: dict[str, bytes] = {}
         self._send: MemoryObjectSendStream[str]
         self._receive: MemoryObjectReceiveStream[str]
         self._send, self._receive = anyio.create_memory_object_stream[str](buffer)
+
+    def bind(self, pid: int) -> None:
+        self.pid = pid
+        early, self._early = self._early, []
+        for chunk in early:
+            if chunk.pid == pid:
+                self.feed(chunk)
+
+    def offer(self, chunk: LogChunk) -> None:
+        if self.pid is None:
+            self._early.append(chunk)
+        elif chunk.pid == self.pid:
+            self.feed(chunk)
 
     def feed(self, chunk: LogChunk) -> None:
         data = self._partial.pop(chunk.stream, b"") + chunk.data
@@ -76,7 +92,7 @@ class OutputHub:
         if follower in followers:
             followers.remove(follower)
 
-    def subscribe(self, name: str, pid: int, buffer: int = 4096) -> LineSubscription:
+    def subscribe(self, name: str, pid: int | None, buffer: int = 4096) -> LineSubscription:
         sub = LineSubscription(self, name, pid, buffer)
         self._subs.setdefault(name, []).append(sub)
         return sub
@@ -88,8 +104,7 @@ class OutputHub:
 
     def publish(self, chunk: LogChunk) -> None:
         for sub in list(self._subs.get(chunk.name, ())):
-            if sub.pid == chunk.pid:
-                sub.feed(chunk)
+            sub.offer(chunk)
         for follower in list(self._followers.get(chunk.name, ())):
             # A lagging follower loses chunks; the next one's offset tells it how much.
             with contextlib.suppress(anyio.WouldBlock):

@@ -5,7 +5,7 @@
         ...  # units of one level may start together
 
 Every problem of every file is raised at once as :class:`UnitErrors`; see
-:mod:`supervisor.units.errors` for the hierarchy.
+:mod:`dynsup.units.errors` for the hierarchy.
 """
 
 from .durations import parse_duration
