@@ -128,13 +128,13 @@ class Daemon:
 
 def ray_rss_mib(state_dir: Path) -> float:
     """Resident memory of the embedded Ray head's processes (agents included)."""
-    from dynsup.placement.head import _head_processes, read_head
+    from dynsup.placement.head import head_processes, read_head
 
     head = read_head(state_dir)
     if head is None:
         return 0.0
     total = 0
-    for proc in _head_processes(head.token, head.temp_dir):
+    for proc in head_processes(head.token, head.temp_dir):
         try:
             total += proc.memory_info().rss
         except psutil.Error:

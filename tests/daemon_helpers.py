@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,9 +15,47 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dynsup.dynamo.ports import model_blocks, worker_ports
+
 BIN = Path(sys.executable).parent
 DYNSUPD = str(BIN / "dynsupd")
 DYNSUPCTL = str(BIN / "dynsupctl")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(*, also: int | None = None) -> int:
+    """A port the OS says is free; with ``also``, port + also must be free too."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if also is None or (port + also <= 65535 and port_is_free(port + also)):
+            return port
+    raise RuntimeError("no free port pair found")
+
+
+def free_port_base(unit: str, roles: list[tuple[str, int]]) -> int:
+    """A [dynamo] port_base (worker ports stay below 32768) whose worker ports are free."""
+    for _ in range(200):
+        base = random.randrange(22000, 30000)
+        block = model_blocks([unit], base)[unit]
+        ports = [
+            port
+            for role, count in roles
+            for replica in range(count)
+            for port in worker_ports(block, role, replica, 1).all(1)
+        ]
+        if all(port_is_free(port) for port in ports):
+            return base
+    raise RuntimeError("no free port_base found")
 
 
 def write_unit(directory: Path, name: str, body: str) -> Path:

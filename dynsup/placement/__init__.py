@@ -6,6 +6,13 @@
   async code); list its nodes.
 * ``groups``: reserve a detached named group per replica, read its GPU
   ids with a probe task, find it again after a daemon restart, release it.
+* ``head``: the embedded Ray head as its own process tree, recorded in the
+  state directory, so that it outlives a crashed daemon.
+* ``actor`` / ``remote``: the agent as a detached actor per node, and the
+  `Agent` proxy the engine talks to (Ray failures become ``AgentLost``).
+* ``gang``: one unit's ranks over several nodes, living and dying together.
+* ``placer``: the engine's `Placer` on Ray (reservations, GPU ids, the GPU table).
+* ``runtime``: the daemon's entry point: connect, place, adopt, pump output.
 
 Nothing here imports Ray at module level; importing this package is cheap.
 

@@ -154,13 +154,13 @@ def start_head(state_dir: Path, *, num_gpus: int | None, num_cpus: int | None = 
         )
     marked = _marked(token)
     if done.returncode != 0:
-        _kill_all(_head_processes(token, temp_dir))
+        _kill_all(head_processes(token, temp_dir))
         tail = log.read_bytes()[-2000:].decode("utf-8", "replace")
         raise RayConnectError(f"`ray start --head` failed ({done.returncode}):\n{tail}")
     gcs = next((p for p in marked if _name(p) == "gcs_server"), None)
     raylet = next((p for p in marked if _name(p) == "raylet"), None)
     if gcs is None or raylet is None:
-        _kill_all(_head_processes(token, temp_dir))
+        _kill_all(head_processes(token, temp_dir))
         raise RayConnectError("`ray start --head` left no gcs_server or raylet running")
     head = Head(
         address=Path(temp_dir, "ray_current_cluster").read_text().strip(),
@@ -182,7 +182,7 @@ def stop_head(state_dir: Path, head: Head) -> list[psutil.Process]:
     survivors: list[psutil.Process] = []
     # Again until a scan finds nothing: a raylet may fork a worker meanwhile.
     for _ in range(3):
-        procs = _head_processes(head.token, head.temp_dir)
+        procs = head_processes(head.token, head.temp_dir)
         if not procs:
             break
         survivors = _kill_all(procs)
@@ -192,7 +192,7 @@ def stop_head(state_dir: Path, head: Head) -> list[psutil.Process]:
     return survivors
 
 
-def _head_processes(token: str, temp_dir: str) -> list[psutil.Process]:
+def head_processes(token: str, temp_dir: str) -> list[psutil.Process]:
     found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter():
         if _env(proc).get(MARK_VAR) == token or temp_dir in _cmdline(proc):
