@@ -89,7 +89,7 @@ class Commands:
         *,
         reread: SpecSource,
         desired: DesiredState,
-        request_shutdown: Callable[[], None],
+        request_shutdown: Callable[[bool], None],
         models: ModelSource | None = None,
         gpu_table: Callable[[], Any] | None = None,
     ) -> None:
@@ -390,9 +390,15 @@ class Commands:
             ) from None
 
     async def shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
+        detach = _bool(args, "detach", False)
+        if detach and self._gpu_table is None:
+            # In-process children would be orphans nobody can adopt.
+            raise CommandError(
+                "BAD_ARGUMENTS", "--detach needs Ray agents to keep the units running"
+            )
         self._shutting_down = True
-        self._request_shutdown()
-        return {"shutting_down": True}
+        self._request_shutdown(detach)
+        return {"shutting_down": True, "detach": detach}
 
     def _check_running(self) -> None:
         if self._shutting_down:

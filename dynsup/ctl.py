@@ -406,6 +406,14 @@ def _update_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help="only these units")
 
 
+def _shutdown_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="leave the units running under their Ray agents for the next dynsupd to adopt",
+    )
+
+
 def _scale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="MODEL[:ROLE]")
     parser.add_argument("replicas", type=int, metavar="N")
@@ -500,10 +508,11 @@ VERBS: dict[str, Verb] = {
         lambda result, ns: format_avail(result),
     ),
     "shutdown": Verb(
-        "stop every unit, then the daemon",
-        lambda ns: {},
+        "stop every unit, then the daemon (--detach: leave them to the next daemon)",
+        lambda ns: {"detach": ns.detach},
         lambda result, ns: Output("Shut down\n"),
-        run=run_waiting,
+        _shutdown_arguments,
+        run_waiting,
     ),
     "scale": Verb(
         "set a model's replica count (MODEL or MODEL:prefill|decode)",

@@ -216,6 +216,7 @@ class Daemon:
         self.access = access
         self.specs: dict[str, ServiceSpec] = {}
         self.shutdown_requested = anyio.Event()
+        self.detach = False  # leave the units running under their agents (an upgrade)
         self.desired = DesiredState.load(settings.state_dir)
         self.models: dict[str, str] = {}
         self.exit_code = EXIT_OK
@@ -278,7 +279,7 @@ class Daemon:
                 hub,
                 reread=self.reread,
                 desired=desired,
-                request_shutdown=self.shutdown_requested.set,
+                request_shutdown=self.request_shutdown,
                 models=lambda: self.models,
                 gpu_table=backend.gpu_table,
             )
@@ -302,8 +303,16 @@ class Daemon:
             await self.shutdown_requested.wait()
             server.begin_shutdown()
             notifier.stopping()
-            await engine.stop_all()
+            if self.detach:
+                log.info("daemon.detaching")
+                await engine.detach_all()
+            else:
+                await engine.stop_all()
             tg.cancel_scope.cancel()
+
+    def request_shutdown(self, detach: bool = False) -> None:
+        self.detach = detach
+        self.shutdown_requested.set()
 
     async def _watch_signals(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -74,6 +74,7 @@ class _Unit:
     finished: anyio.Event | None = None
     process_alive: bool = False
     placement: Placement | None = None
+    detaching: bool = False  # leave the process running for the next daemon
 
     @property
     def active(self) -> bool:
@@ -205,6 +206,20 @@ class Engine:
     async def stop_all(self) -> None:
         """Stop everything in reverse dependency order, independent units concurrently."""
         await self._stop_many(set(self._units))
+
+    async def detach_all(self) -> None:
+        """Stop supervising, leaving every process and reservation as it is.
+
+        For a daemon upgrade with Ray agents: the next daemon adopts the
+        processes (same spec, same pids, GPUs still held).
+        """
+        for unit in self._units.values():
+            if unit.active and unit.scope is not None:
+                unit.detaching = True
+                unit.scope.cancel()
+        for unit in self._units.values():
+            if unit.finished is not None:
+                await unit.finished.wait()
 
     async def send_signal(self, name: str, sig: str) -> None:
         unit = self._get(name)
@@ -445,6 +460,13 @@ class Engine:
     async def _teardown(self, unit: _Unit) -> None:
         """After the lifecycle ends, by itself or cancelled: nothing of it may run on."""
         spec = unit.spec
+        if unit.detaching:
+            unit.detaching = False
+            if unit.state in (State.STARTING, State.RUNNING):
+                self._set_state(unit, State.STOPPING, reason="detaching")
+            if unit.state not in (State.EXITED, State.FATAL, State.STOPPED):
+                self._set_state(unit, State.STOPPED, reason="detached: left running")
+            return
         # STOPPING also when the process just exited and the exit is not yet
         # handled (the unit still reads STARTING or RUNNING).
         if unit.process_alive or unit.state in (State.STARTING, State.RUNNING):
