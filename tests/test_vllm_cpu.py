@@ -161,6 +161,7 @@ def write_units(directory: Path, model_dir: Path, frontend_port: int) -> Path:
         path = "{model_dir}"
         engine = "vllm"
         replicas = 1
+        gpus = 0  # vLLM's CPU build: no GPU to reserve (so no Ray either)
         [model.engine_args]
         load_format = "dummy"  # random weights: config.json is all vLLM reads
         max_model_len = 512

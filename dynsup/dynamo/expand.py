@@ -411,7 +411,8 @@ class _Builder:
                 env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.host
                 bound += list(range(ports.nixl, ports.nixl + tp))
         argv += to_flags(args)
-        gpus = tp if model.engine == "vllm" else 0
+        default_gpus = tp if model.engine == "vllm" else 0
+        gpus = default_gpus if model.gpus is None else model.gpus
         ranks = self._rank_count(tp) if model.engine == "vllm" else 1
         if ranks > 1:
             # Multi-node TP: the placement room fills {rank}, {ranks}, {rank0_addr} per rank.

@@ -20,9 +20,11 @@ These only describe; `dynsup.dynamo` expands them into services.
     port_base = 21000             # first port of the per-worker blocks
     environment = {}              # added to every process of the stack
 
-``[model]`` keys: see DESIGN.md ("Units"); plus ``environment`` and
-``stop_timeout``. A relative ``path`` that names a directory beside the
-unit file is made absolute; anything else is a hub id and kept as written.
+``[model]`` keys: see DESIGN.md ("Units"); plus ``environment``,
+``stop_timeout`` and ``gpus`` (per worker: 0 for vLLM's CPU build; default
+``tensor_parallel_size`` for vllm, 0 for the mocker). A relative ``path``
+that names a directory beside the unit file is made absolute; anything else
+is a hub id and kept as written.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ MODEL_KEYS = (
     "engine_args",
     "environment",
     "stop_timeout",
+    "gpus",
     "prefill",
     "decode",
 )
@@ -138,6 +141,7 @@ class ModelSpec:
     engine_args: FrozenArgs = ()
     environment: tuple[tuple[str, str], ...] = ()
     stop_timeout: float | None = None  # None: the engine's default
+    gpus: int | None = None  # per worker; None: tensor_parallel_size for vllm, 0 for mocker
     prefill: RoleSpec | None = None
     decode: RoleSpec | None = None
     description: str = ""
@@ -221,6 +225,7 @@ def parse_model(
         engine_args=table.get("engine_args", _engine_args, ()),
         environment=_env(table, fill),
         stop_timeout=table.get("stop_timeout", parse_duration, None),
+        gpus=table.get("gpus", int_at_least(0), None),
         prefill=roles["prefill"],
         decode=roles["decode"],
     )
