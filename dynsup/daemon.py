@@ -90,7 +90,9 @@ def default_state_dir() -> Path:
 def resolve_settings(args: argparse.Namespace) -> Settings:
     config = load_config(args.config)
     unit_dirs = tuple(args.unit_dirs) or config.units or ("/etc/dynsup/units",)
-    state_dir = Path(args.state_dir or config.state_dir or default_state_dir())
+    # Absolute: children get paths under it (HOME, discovery, data dirs) and
+    # some of them resolve relative paths against a directory of their own.
+    state_dir = Path(args.state_dir or config.state_dir or default_state_dir()).resolve()
     return Settings(
         config=config,
         unit_dirs=unit_dirs,
