@@ -97,3 +97,14 @@ def test_sigterm_stops_dependents_first_and_exits_0(tmp_path: Path) -> None:
         events = [(e["unit"], e["new"]) for e in daemon.events() if e.get("event") == "unit.state"]
     assert events.index(("a", "RUNNING")) < events.index(("b", "STARTING"))
     assert events.index(("b", "STOPPED")) < events.index(("a", "STOPPING"))
+
+
+def test_relative_state_dir_is_made_absolute(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Regression: `--state-dir .state/demo` gave Dynamo's frontend a relative HOME, and
+    its model-card cache then failed: the demo's model was never listed."""
+    from dynsup.daemon import parse_args, resolve_settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = resolve_settings(parse_args(["--state-dir", ".state/demo", str(tmp_path)]))
+    assert settings.state_dir == tmp_path / ".state" / "demo"
+    assert settings.state_dir.is_absolute()
