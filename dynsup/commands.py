@@ -16,10 +16,19 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from . import __version__
 from .agent_api import Agent, AgentError
-from .control.protocol import CommandError
+from .control.protocol import (
+    BAD_ARGUMENTS,
+    BAD_CONFIG,
+    BAD_NAME,
+    SHUTTING_DOWN,
+    CommandError,
+    arg,
+    names_arg,
+)
 from .control.server import Stream
 from .engine import Engine, OutputHub, ReloadPlan, State, UnitStatus, UnknownUnit
 from .engine.output import ChunkFollower
+from .engine.states import SETTLED_STATES
 from .process import signal_by_name
 from .statefile import DesiredState
 from .units import UnitErrors
@@ -64,20 +73,6 @@ def plan_result(plan: ReloadPlan) -> dict[str, Any]:
         "changed": {name: list(fields) for name, fields in plan.changed.items()},
         "removed": list(plan.removed),
     }
-
-
-def _str_list(args: Mapping[str, Any], key: str) -> list[str]:
-    value = args.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise CommandError("BAD_ARGUMENTS", f"'{key}' must be a list of unit names")
-    return value
-
-
-def _bool(args: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = args.get(key, default)
-    if not isinstance(value, bool):
-        raise CommandError("BAD_ARGUMENTS", f"'{key}' must be true or false")
-    return value
 
 
 class Commands:
@@ -126,17 +121,17 @@ class Commands:
     # -- names ---------------------------------------------------------------
 
     def _select(self, args: Mapping[str, Any], *, empty_means_all: bool) -> list[str]:
-        names = _str_list(args, "names")
+        names = names_arg(args)
         known = self._engine.names()
         if not names:
             if empty_means_all:
                 return known
-            raise CommandError("BAD_ARGUMENTS", "name at least one unit, or 'all'")
+            raise CommandError(BAD_ARGUMENTS, "name at least one unit, or 'all'")
         if names == ["all"]:
             return known
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise CommandError("BAD_NAME", f"no such unit: {', '.join(unknown)}", details=unknown)
+            raise CommandError(BAD_NAME, f"no such unit: {', '.join(unknown)}", details=unknown)
         return names
 
     async def _info(self, name: str) -> dict[str, Any]:
@@ -162,11 +157,11 @@ class Commands:
         if name is None:
             return {"pid": os.getpid()}
         if not isinstance(name, str):
-            raise CommandError("BAD_ARGUMENTS", "'name' must be a unit name")
+            raise CommandError(BAD_ARGUMENTS, "'name' must be a unit name")
         try:
             snap = self._engine.statistics([name])[0]
         except UnknownUnit:
-            raise CommandError("BAD_NAME", f"no such unit: {name}", details=[name]) from None
+            raise CommandError(BAD_NAME, f"no such unit: {name}", details=[name]) from None
         return {"pid": snap.pid}
 
     async def avail(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -195,18 +190,14 @@ class Commands:
         """The last lines of a unit's stream; with follow, then everything it prints."""
         name = args.get("name")
         stream = args.get("stream", "stdout")
-        lines = args.get("lines", 10)
-        follow = _bool(args, "follow", False)
+        lines = arg(args, "lines", int, 10)
+        follow = arg(args, "follow", bool, False)
         if not isinstance(name, str) or name not in self._engine.names():
-            raise CommandError("BAD_NAME", f"no such unit: {name}", details=[str(name)])
+            raise CommandError(BAD_NAME, f"no such unit: {name}", details=[str(name)])
         if stream not in STREAMS:
-            raise CommandError("BAD_ARGUMENTS", "'stream' must be 'stdout' or 'stderr'")
-        if (
-            not isinstance(lines, int)
-            or isinstance(lines, bool)
-            or not (0 <= lines <= _MAX_TAIL_LINES)
-        ):
-            raise CommandError("BAD_ARGUMENTS", f"'lines' must be 0..{_MAX_TAIL_LINES}")
+            raise CommandError(BAD_ARGUMENTS, "'stream' must be 'stdout' or 'stderr'")
+        if not 0 <= lines <= _MAX_TAIL_LINES:
+            raise CommandError(BAD_ARGUMENTS, f"'lines' must be 0..{_MAX_TAIL_LINES}")
         # Follow before reading, so nothing printed in between is lost.
         follower = self._hub.follow(name) if follow else None
         try:
@@ -254,7 +245,7 @@ class Commands:
 
     async def _start(self, args: dict[str, Any], *, restart: bool) -> dict[str, Any] | Stream:
         names = self._select(args, empty_means_all=False)
-        wait = _bool(args, "wait", True)
+        wait = arg(args, "wait", bool, True)
         self._check_running()
         for name in names:
             self._remember(name, True)
@@ -311,7 +302,7 @@ class Commands:
         try:
             signum = signal_by_name(sig)  # type: ignore[arg-type]
         except (KeyError, ValueError, AttributeError, TypeError):
-            raise CommandError("BAD_ARGUMENTS", f"not a signal: {sig!r}") from None
+            raise CommandError(BAD_ARGUMENTS, f"not a signal: {sig!r}") from None
         signalled, not_running = [], []
         for name in names:
             try:
@@ -325,8 +316,8 @@ class Commands:
         return plan_result(self._engine.plan(self._read_specs()))
 
     async def update(self, args: dict[str, Any]) -> dict[str, Any]:
-        dry_run = _bool(args, "dry_run", False)
-        wanted = _str_list(args, "names")
+        dry_run = arg(args, "dry_run", bool, False)
+        wanted = names_arg(args)
         new_specs = dict(self._read_specs())
         if wanted:
             # Only the named units move; the others keep their current spec.
@@ -349,20 +340,20 @@ class Commands:
         target = args.get("name")
         count = args.get("replicas")
         if not isinstance(target, str) or not target:
-            raise CommandError("BAD_ARGUMENTS", "'name' must be MODEL or MODEL:ROLE")
+            raise CommandError(BAD_ARGUMENTS, "'name' must be MODEL or MODEL:ROLE")
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise CommandError("BAD_ARGUMENTS", "'replicas' must be an integer >= 0")
+            raise CommandError(BAD_ARGUMENTS, "'replicas' must be an integer >= 0")
         model, _, role = target.partition(":")
         modes = self._models()
         if model not in modes:
-            raise CommandError("BAD_NAME", f"no model unit named {model!r}", details=[model])
+            raise CommandError(BAD_NAME, f"no model unit named {model!r}", details=[model])
         disaggregated = modes[model] == "disaggregated"
         if disaggregated and role not in ("prefill", "decode"):
             raise CommandError(
-                "BAD_ARGUMENTS", f"{model} is disaggregated: scale {model}:prefill or :decode"
+                BAD_ARGUMENTS, f"{model} is disaggregated: scale {model}:prefill or :decode"
             )
         if not disaggregated and role:
-            raise CommandError("BAD_ARGUMENTS", f"{model} is aggregated: scale {model} N")
+            raise CommandError(BAD_ARGUMENTS, f"{model} is aggregated: scale {model} N")
         self._check_running()
         replicas = {**self._desired.replicas, target: count}
         new_specs = dict(self._read_specs(replicas=replicas))
@@ -386,23 +377,21 @@ class Commands:
         except UnitErrors as exc:
             errors = [str(e) for e in exc.errors]
             raise CommandError(
-                "BAD_CONFIG", f"{len(errors)} error(s) in the unit files", details=errors
+                BAD_CONFIG, f"{len(errors)} error(s) in the unit files", details=errors
             ) from None
 
     async def shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
-        detach = _bool(args, "detach", False)
+        detach = arg(args, "detach", bool, False)
         if detach and self._gpu_table is None:
             # In-process children would be orphans nobody can adopt.
-            raise CommandError(
-                "BAD_ARGUMENTS", "--detach needs Ray agents to keep the units running"
-            )
+            raise CommandError(BAD_ARGUMENTS, "--detach needs Ray agents to keep the units running")
         self._shutting_down = True
         self._request_shutdown(detach)
         return {"shutting_down": True, "detach": detach}
 
     def _check_running(self) -> None:
         if self._shutting_down:
-            raise CommandError("SHUTTING_DOWN", "dynsupd is shutting down")
+            raise CommandError(SHUTTING_DOWN, "dynsupd is shutting down")
 
 
 def _worker_of(name: str, prefix: str) -> bool:
@@ -411,4 +400,4 @@ def _worker_of(name: str, prefix: str) -> bool:
 
 
 def _settled(snap: UnitStatus) -> bool:
-    return snap.state in (State.RUNNING, State.EXITED, State.FATAL, State.STOPPED)
+    return snap.state in SETTLED_STATES

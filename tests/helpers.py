@@ -13,7 +13,8 @@ from typing import Any
 import anyio
 import psutil
 
-from dynsup.agent import LocalAgent
+from dynsup.backends import open_local
+from dynsup.daemon import output_consumer
 from dynsup.engine import Engine, OutputHub, State, UnitStatus
 from dynsup.units.spec import ServiceSpec, freeze_env
 
@@ -45,19 +46,14 @@ def alive(pid: int | None) -> bool:
 
 @asynccontextmanager
 async def open_engine(*specs: ServiceSpec) -> AsyncIterator[Engine]:
-    """An engine on a real in-process agent, with output pumped to its hub."""
+    """An engine on the daemon's in-process backend, with output pumped to its hub."""
     hub = OutputHub()
-    async with LocalAgent() as agent, Engine(agent, hub) as engine, anyio.create_task_group() as tg:
-
-        async def pump() -> None:
-            cursor = 0
-            while True:
-                batch = await agent.next_chunks(cursor, 30.0)
-                for chunk in batch.chunks:
-                    hub.publish(chunk)
-                cursor = batch.cursor
-
-        tg.start_soon(pump)
+    async with (
+        open_local() as backend,
+        Engine(placer=backend.placer, output=hub) as engine,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(backend.pump, output_consumer(hub, None))
         engine.load({s.name: s for s in specs})
         try:
             yield engine

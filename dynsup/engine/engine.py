@@ -30,7 +30,7 @@ from .output import LineSubscription, OutputHub
 from .placement import Placement, PlacementFailed, Placer, SingleAgent
 from .policy import StartLimiter, backoff_delay, healthy_after, should_restart
 from .reload import ReloadPlan, diff_specs, fingerprint
-from .states import ACTIVE_STATES, State, check_transition
+from .states import State, check_transition
 
 log = structlog.get_logger("dynsup.engine")
 
@@ -180,22 +180,10 @@ class Engine:
             self._launch(self._get(dep))
         self._launch(self._get(name))
 
-    async def start(self, name: str) -> UnitStatus:
-        """Start and wait until RUNNING, or until the start ended otherwise."""
-        self.start_nowait(name)
-        return await self.wait_state(name, _settled)
-
     async def stop(self, name: str) -> None:
         """Stop the unit, after the units that require it (they stop first)."""
         self._get(name)
         await self._stop_many({name, *self._dependents_closure(name)})
-
-    async def restart(self, name: str) -> UnitStatus:
-        """Stop and start again; units that require it and were running follow it."""
-        dependents = await self.stop_for_restart(name)
-        for dependent in dependents:
-            self.start_nowait(dependent)
-        return await self.start(name)
 
     async def stop_for_restart(self, name: str) -> list[str]:
         """Stop the unit and its running dependents; return those dependents."""
@@ -460,18 +448,16 @@ class Engine:
     async def _teardown(self, unit: _Unit) -> None:
         """After the lifecycle ends, by itself or cancelled: nothing of it may run on."""
         spec = unit.spec
-        if unit.detaching:
-            unit.detaching = False
-            if unit.state in (State.STARTING, State.RUNNING):
-                self._set_state(unit, State.STOPPING, reason="detaching")
-            if unit.state not in (State.EXITED, State.FATAL, State.STOPPED):
-                self._set_state(unit, State.STOPPED, reason="detached: left running")
-            return
+        # Detaching (a daemon upgrade) leaves the process and its reservation
+        # to the next daemon; everything else ends here.
+        detaching, unit.detaching = unit.detaching, False
         # STOPPING also when the process just exited and the exit is not yet
         # handled (the unit still reads STARTING or RUNNING).
         if unit.process_alive or unit.state in (State.STARTING, State.RUNNING):
-            self._set_state(unit, State.STOPPING, reason="stop requested")
-        if unit.process_alive:
+            self._set_state(
+                unit, State.STOPPING, reason="detaching" if detaching else "stop requested"
+            )
+        if unit.process_alive and not detaching:
             try:
                 status = await self._agent_of(unit).stop(
                     spec.name, spec.stop_signal.name, spec.stop_timeout
@@ -482,14 +468,15 @@ class Engine:
             unit.process_alive = False
             if status is not None:
                 unit.exit_status = status.describe()
-        if unit.placement is not None:
+        if unit.placement is not None and not detaching:
             try:
                 await self._placer.release(spec)
             except PlacementFailed as exc:
                 log.error("unit.release_failed", error=str(exc))
             unit.placement = None
         if unit.state not in (State.EXITED, State.FATAL, State.STOPPED):
-            self._set_state(unit, State.STOPPED, reason="stopped")
+            reason = "detached: left running" if detaching else "stopped"
+            self._set_state(unit, State.STOPPED, reason=reason)
 
     # -- stopping many -------------------------------------------------------
 
@@ -544,14 +531,12 @@ class Engine:
         unit.state = state
         unit.reason = reason
         unit.since = time.time()
-        if state not in (State.STARTING, State.RUNNING, State.STOPPING):
-            unit.pid = None if not unit.process_alive else unit.pid
         log.info(
             "unit.state",
             unit=unit.spec.name,
             old=old.value,
             new=state.value,
-            pid=unit.pid,
+            pid=unit.pid if unit.process_alive else None,
             exit_status=unit.exit_status,
             reason=reason,
         )
@@ -592,10 +577,6 @@ class Engine:
             return self._units[name]
         except KeyError:
             raise UnknownUnit(name) from None
-
-
-def _settled(snap: UnitStatus) -> bool:
-    return snap.state not in ACTIVE_STATES or snap.state is State.RUNNING
 
 
 def _is_log_probe(spec: ServiceSpec) -> bool:

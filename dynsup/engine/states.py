@@ -20,6 +20,8 @@ class State(enum.Enum):
 STOPPED_STATES = frozenset({State.STOPPED, State.EXITED, State.FATAL})
 RUNNING_STATES = frozenset({State.RUNNING, State.BACKOFF, State.STARTING})
 ACTIVE_STATES = frozenset({State.PENDING, State.STARTING, State.RUNNING, State.BACKOFF})
+# Where a start ends: running, or not going to run without a new command.
+SETTLED_STATES = frozenset({State.RUNNING, State.EXITED, State.FATAL, State.STOPPED})
 
 ALLOWED: dict[State, frozenset[State]] = {
     State.STOPPED: frozenset({State.PENDING}),
