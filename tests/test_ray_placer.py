@@ -270,8 +270,9 @@ async def main():
             engine.start_nowait("llama-0")
             first = await ranks_of(rt, engine)
             table = rt.gpu_table()
-            os.kill(first[1]["pid"], signal.SIGKILL)  # rank 1 dies: the set restarts
+            # Handles first: the restart reaps both ranks within milliseconds of the kill.
             olds = [psutil.Process(r["pid"]) for r in first]
+            os.kill(first[1]["pid"], signal.SIGKILL)  # rank 1 dies: the set restarts
             # In a thread: the engine must go on meanwhile.
             gone = (await anyio.to_thread.run_sync(lambda: psutil.wait_procs(olds, timeout=60)))[1]
             second = await ranks_of(rt, engine, not_pid=first[0]["pid"])
