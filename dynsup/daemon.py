@@ -33,6 +33,7 @@ from .config import ConfigError, DaemonConfig, RayConfig, load_config
 from .control.paths import socket_path
 from .control.server import AccessPolicy, AlreadyRunning, ControlServer
 from .dynamo import StackContext, expand_stack
+from .dynamo.withdraw import withdraw_dead
 from .engine import Engine, OutputHub, State
 from .logs import (
     JOURNAL_SOCKET,
@@ -271,7 +272,7 @@ class Daemon:
     ) -> None:
         desired = self.desired
         async with (
-            Engine(placer=backend.placer, output=hub) as engine,
+            Engine(placer=backend.placer, output=hub, after_exit=withdraw_dead) as engine,
             anyio.create_task_group() as tg,
         ):
             engine.load(self.specs)

@@ -16,6 +16,7 @@ import psutil
 from dynsup.backends import open_local
 from dynsup.daemon import output_consumer
 from dynsup.engine import Engine, OutputHub, State, UnitStatus
+from dynsup.engine.engine import AfterExit
 from dynsup.units.spec import ServiceSpec, freeze_env
 
 
@@ -45,12 +46,14 @@ def alive(pid: int | None) -> bool:
 
 
 @asynccontextmanager
-async def open_engine(*specs: ServiceSpec) -> AsyncIterator[Engine]:
+async def open_engine(
+    *specs: ServiceSpec, after_exit: AfterExit | None = None
+) -> AsyncIterator[Engine]:
     """An engine on the daemon's in-process backend, with output pumped to its hub."""
     hub = OutputHub()
     async with (
         open_local() as backend,
-        Engine(placer=backend.placer, output=hub) as engine,
+        Engine(placer=backend.placer, output=hub, after_exit=after_exit) as engine,
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(backend.pump, output_consumer(hub, None))

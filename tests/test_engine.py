@@ -9,7 +9,7 @@ import pytest
 
 from dynsup.agent import LocalAgent
 from dynsup.engine import Engine, State
-from dynsup.units.spec import ProbeKind, ReadySpec, RestartPolicy
+from dynsup.units.spec import ProbeKind, ReadySpec, RestartPolicy, ServiceSpec
 
 from .helpers import alive, open_engine, service, wait_for
 
@@ -253,3 +253,39 @@ async def test_stop_while_an_exit_is_unhandled_does_not_hang() -> None:
         with anyio.fail_after(10):
             await engine._teardown(unit)
         assert engine.statistics(["flap"])[0].state is State.STOPPED
+
+
+async def test_after_exit_runs_before_the_restart_and_after_a_stop() -> None:
+    spec = service("crashy", "import sys; sys.exit(3)", restart_delay=0.01, start_limit_burst=50)
+    seen: list[tuple[str, State, int | None, int]] = []
+    engine_ref: list[Engine] = []
+
+    async def after_exit(exited: ServiceSpec) -> None:
+        snap = engine_ref[0].statistics([exited.name])[0]
+        seen.append((exited.name, snap.state, snap.pid, snap.restarts))
+        if len(seen) == 1:
+            raise RuntimeError("a clean-up that fails")  # must not break the unit
+
+    async with open_engine(spec, after_exit=after_exit) as engine:
+        engine_ref.append(engine)
+        engine.start_nowait("crashy")
+        with anyio.fail_after(20):
+            await engine.wait_state("crashy", lambda s: s.restarts >= 2)
+        crashes = list(seen)  # (the stop below may add one more, in STOPPING)
+        await engine.stop("crashy")
+        # Once per exit, with the process gone (no pid) and the run not yet
+        # judged: still RUNNING, never BACKOFF or a new STARTING.
+        assert len(crashes) >= 2
+        assert [(state, pid) for _, state, pid, _ in crashes] == [(State.RUNNING, None)] * len(
+            crashes
+        )
+        assert [restarts for *_, restarts in crashes] == list(range(len(crashes)))
+
+        sleeper = service("sleeper", "import time; time.sleep(600)")
+        await engine.apply({"crashy": spec, "sleeper": sleeper})
+        engine.start_nowait("sleeper")
+        await wait_for(engine, "sleeper", State.RUNNING)
+        before_stop = len(seen)
+        await engine.stop("sleeper")
+    # A stop runs it too: a process killed by the stop's SIGKILL could not clean up either.
+    assert seen[before_stop:] == [("sleeper", State.STOPPING, None, 0)]

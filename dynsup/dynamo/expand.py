@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..units.errors import UnitError
-from ..units.spec import ProbeKind, ReadySpec, RestartPolicy, ServiceSpec, freeze_env
+from ..units.spec import ProbeKind, ReadySpec, Registry, RestartPolicy, ServiceSpec, freeze_env
 from ..units.stack import ModelSpec, StackSpec, thaw_args
 from .binaries import MissingProgram, etcd_binary, nats_binary, python_module
 from .flags import merge_args, to_flags
@@ -142,6 +142,11 @@ class _Builder:
 
     def discovery_dir(self) -> str:
         return str(Path(self.ctx.state_dir) / "dynamo-discovery" / self.stack.namespace)
+
+    def registry(self) -> Registry:
+        if self.use_etcd:
+            return Registry("etcd", self.etcd_url().split(",")[0])
+        return Registry("file", self.discovery_dir())
 
     def dynamo_env(self) -> dict[str, str]:
         env = {
@@ -447,6 +452,7 @@ class _Builder:
             unset_env=UNSET,
             ports=tuple(bound),
             secondary_args=("--headless",) if ranks > 1 else (),
+            registry=self.registry(),
             source=model.source,
         )
         return [spec]

@@ -14,7 +14,7 @@ an `Agent`, unit output for log probes comes from an `OutputHub`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 
@@ -33,6 +33,10 @@ from .reload import ReloadPlan, diff_specs, fingerprint
 from .states import State, check_transition
 
 log = structlog.get_logger("dynsup.engine")
+
+# An after-exit hook runs before the restart: it must not hold a crash loop up.
+AFTER_EXIT_TIMEOUT = 3.0
+AfterExit = Callable[[ServiceSpec], Awaitable[None]]
 
 
 class UnknownUnit(KeyError):
@@ -96,12 +100,17 @@ class Engine:
         output: OutputHub | None = None,
         *,
         placer: Placer | None = None,
+        after_exit: AfterExit | None = None,
     ) -> None:
+        """``after_exit`` runs once a unit's process is gone by itself or by a stop
+        (not a detach), before any restart: clean-up only the supervisor can do
+        for a process that died without doing it (Dynamo's discovery records)."""
         if placer is None:
             if agent is None:
                 raise TypeError("an Engine needs an agent or a placer")
             placer = SingleAgent(agent)
         self._placer = placer
+        self._after_exit_hook = after_exit
         self._output = output or OutputHub()
         self._units: dict[str, _Unit] = {}
         self._tg: TaskGroup | None = None
@@ -318,6 +327,7 @@ class Engine:
                 return
             else:
                 status, up_for = await self._supervise(unit, spawned, took_over, lines)
+                await self._after_exit(spec)
             if up_for >= healthy_after(spec):
                 failures = 0
             if not should_restart(spec.restart, status, spec.success_exit_codes):
@@ -468,6 +478,7 @@ class Engine:
             unit.process_alive = False
             if status is not None:
                 unit.exit_status = status.describe()
+            await self._after_exit(spec)
         if unit.placement is not None and not detaching:
             try:
                 await self._placer.release(spec)
@@ -477,6 +488,15 @@ class Engine:
         if unit.state not in (State.EXITED, State.FATAL, State.STOPPED):
             reason = "detached: left running" if detaching else "stopped"
             self._set_state(unit, State.STOPPED, reason=reason)
+
+    async def _after_exit(self, spec: ServiceSpec) -> None:
+        if self._after_exit_hook is None:
+            return
+        try:
+            with anyio.fail_after(AFTER_EXIT_TIMEOUT):
+                await self._after_exit_hook(spec)
+        except Exception as exc:  # a failed clean-up never fails the unit
+            log.warning("unit.after_exit_failed", error=str(exc) or type(exc).__name__)
 
     # -- stopping many -------------------------------------------------------
 

@@ -37,6 +37,18 @@ class ReadySpec:
 
 
 @dataclass(frozen=True)
+class Registry:
+    """The service-discovery store a unit registers itself in (Dynamo's).
+
+    A process killed by SIGKILL cannot withdraw its own records; knowing where
+    they live lets the supervisor do it for them.
+    """
+
+    backend: str  # "file" (a directory of records) or "etcd"
+    location: str  # the directory, or the etcd endpoint URL
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     """One supervised program: everything the engine needs to run it."""
 
@@ -66,6 +78,9 @@ class ServiceSpec:
     # A unit spread over several nodes runs one rank per node: ranks > 0 get
     # these arguments too (vLLM's --headless).
     secondary_args: tuple[str, ...] = ()
+    # Where the program registers for discovery. Derived from the same stack
+    # settings as its environment, so it adds nothing to the unit's identity.
+    registry: Registry | None = field(default=None, compare=False)
     # Where the spec came from; not part of its identity, so moving a file
     # or expanding the same model twice does not count as a change.
     source: str = field(default="", compare=False)
