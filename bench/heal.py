@@ -34,8 +34,9 @@ timeout each, on 127.0.0.1); after 1 s, SIGKILL the victim's pid (from
   tail after *back* means the dead instance no longer gets traffic and the
   restarted one does not fail any;
 * the frontend's view (``GET /health``, counted every ~0.25 s): how many
-  ``generate`` instances it knows (a SIGKILLed worker stays registered until
-  its discovery TTL, 10 s, runs out);
+  ``generate`` instances it knows (dynsup withdraws a SIGKILLed worker's
+  records before restarting it; left alone they stay until their discovery
+  TTL, 10 s, runs out);
 * collateral: other units whose pid changed (restarted with the victim).
 
 At the end each daemon is stopped with SIGTERM; its exit status and any

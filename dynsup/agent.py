@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -74,8 +75,15 @@ class _Hosted:
 class LocalAgent:
     """Hosts many process groups on this node."""
 
-    def __init__(self, node: str | None = None, log_capacity: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        node: str | None = None,
+        log_capacity: int = 1 << 20,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """``env``: added to every child's environment (a warden's mark)."""
         self.node = node or socket.gethostname()
+        self._env = dict(env or {})
         self.logs = LogStore(capacity=log_capacity)
         self._hosted: dict[str, _Hosted] = {}
         self._tg: TaskGroup | None = None
@@ -124,7 +132,7 @@ class LocalAgent:
             holder = port_holder(port)
             if holder is not None:
                 raise PortBusy(f"{name}: port {port} is already in use on {self.node} ({holder})")
-        full_env = {**inherited_env(unset_env or ()), **env}
+        full_env = {**inherited_env(unset_env or ()), **env, **self._env}
         group = ProcessGroup.spawn(name, argv, full_env, cwd)
         hosted = _Hosted(group, stop_signal, stop_timeout, tag)
         self._hosted[name] = hosted

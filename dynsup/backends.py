@@ -9,12 +9,17 @@ GPU table (None without Ray).
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import structlog
 
 from .agent import LocalAgent
@@ -23,6 +28,7 @@ from .config import RayConfig
 from .engine import Engine
 from .engine.placement import Placer, SingleAgent
 from .units.spec import ServiceSpec
+from .warden import MARK_VAR, Warden
 
 log = structlog.get_logger("dynsup.backend")
 
@@ -51,16 +57,26 @@ class Backend:
 
 @asynccontextmanager
 async def open_local() -> AsyncIterator[Backend]:
-    async with LocalAgent() as agent:
+    # The units are session leaders: if the daemon dies without clean-up they
+    # would run on as orphans, holding their ports. Its warden kills them.
+    warden = Warden(f"local/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}")
+    try:
+        async with LocalAgent(env={MARK_VAR: warden.mark}) as agent:
+            yield _local_backend(agent)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(warden.release)
 
-        async def pump(on_batch: OnBatch) -> None:
-            cursor = 0
-            while True:
-                batch = await agent.next_chunks(cursor, timeout=30.0)
-                on_batch(batch)
-                cursor = batch.cursor
 
-        yield Backend(placer=SingleAgent(agent), agent=agent, pump=pump)
+def _local_backend(agent: LocalAgent) -> Backend:
+    async def pump(on_batch: OnBatch) -> None:
+        cursor = 0
+        while True:
+            batch = await agent.next_chunks(cursor, timeout=30.0)
+            on_batch(batch)
+            cursor = batch.cursor
+
+    return Backend(placer=SingleAgent(agent), agent=agent, pump=pump)
 
 
 @asynccontextmanager

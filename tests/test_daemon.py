@@ -6,6 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import psutil
+
 from .daemon_helpers import DYNSUPD, py_command, run_dynsupd, write_unit
 
 FIXTURES = Path(__file__).parent / "fixtures" / "units"
@@ -108,3 +110,48 @@ def test_relative_state_dir_is_made_absolute(tmp_path: Path, monkeypatch) -> Non
     settings = resolve_settings(parse_args(["--state-dir", ".state/demo", str(tmp_path)]))
     assert settings.state_dir == tmp_path / ".state" / "demo"
     assert settings.state_dir.is_absolute()
+
+
+def test_a_sigkilled_daemon_leaves_no_unit_behind(tmp_path: Path) -> None:
+    """Its warden kills every process of every unit, escapees included."""
+    units = tmp_path / "units"
+    escapee = str(tmp_path / "escapee.pid")
+    write_unit(
+        units,
+        "forker",
+        f"""
+        [service]
+        command = {
+            py_command(f'''
+            import subprocess, sys, time
+            sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+            subprocess.Popen(sleeper)  # stays in the unit's group
+            # Double fork: the middle process exits, the escapee has a session of its own.
+            # (No braces: unit commands treat them as placeholders.)
+            middle = (
+                "import subprocess, sys; "
+                "p = subprocess.Popen(" + repr(sleeper) + ", start_new_session=True); "
+                "open({escapee!r}, 'w').write(str(p.pid))"
+            )
+            subprocess.run([sys.executable, "-c", middle], check=True)
+            print("forked", flush=True)
+            time.sleep(600)
+        ''')
+        }
+        [ready]
+        log = "forked"
+    """,
+    )
+    write_unit(units, "plain", f"[service]\ncommand = {py_command('import time; time.sleep(600)')}")
+    with run_dynsupd(tmp_path, units) as daemon:
+        daemon.wait_state("forker", "RUNNING")
+        daemon.wait_state("plain", "RUNNING")
+        status = daemon.ctl_json("status")["units"]
+        leaders = [psutil.Process(unit["pid"]) for unit in status]
+        victims = [*leaders, *(c for p in leaders for c in p.children(recursive=True))]
+        victims.append(psutil.Process(int(Path(escapee).read_text())))
+        assert len(victims) == 4, victims
+        daemon.proc.kill()  # no clean-up of its own
+        daemon.proc.wait(10)
+        _gone, alive = psutil.wait_procs(victims, timeout=30)
+    assert alive == []

@@ -15,15 +15,9 @@ class and message instead of Ray's wrapped traceback.
 
 Processes outliving a dead actor: an actor killed with SIGKILL runs no
 clean-up, and its children (session leaders) would be re-parented away.
-Two things make sure they die with it:
-
-* every child inherits ``DYNSUP_AGENT=<namespace>/<node_id>/<incarnation>``
-  (put into the actor's environment before the first spawn);
-* a *warden* process, started by the actor, blocks reading a pipe whose
-  only writer is the actor; when the actor dies the pipe closes and the
-  warden SIGKILLs every process carrying the actor's mark;
-* as a backstop, a new agent on the node first kills what earlier
-  incarnations of the same namespace and node left behind.
+Its children carry its mark and a `Warden` kills them when it dies (see
+dynsup/warden.py); as a backstop, a new agent on the node first kills what
+earlier incarnations of the same namespace and node left behind.
 """
 
 from __future__ import annotations
@@ -31,50 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import uuid
 from typing import Any
 
-import psutil
-
 from ..agent import LocalAgent
 from ..agent_api import AgentError, SpawnError
+from ..warden import MARK_VAR, Warden, kill_marked
 
-AGENT_VAR = "DYNSUP_AGENT"
 ACTOR_PREFIX = "dynsup-agent-"
 # Long-polls (wait_exit per unit, next_chunks per pump) each hold a slot.
 MAX_CONCURRENCY = 1000
-
-# The warden: stdlib only, reads /proc so it needs nothing of dynsup.
-_WARDEN = r"""
-import os, signal, sys, time
-var, mark = sys.argv[1], sys.argv[2]
-entry = f"{var}={mark}".encode()
-sys.stdin.buffer.read()  # returns at EOF: the agent is gone (or shut down)
-def marked():
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != os.getpid():
-            try:
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if entry in f.read().split(b"\0"):
-                        found.append(int(name))
-            except OSError:
-                pass
-    return found
-for _ in range(500):  # again until a scan finds nothing: a victim may fork meanwhile
-    pids = marked()
-    if not pids:
-        break
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    time.sleep(0.01)
-"""
 
 
 def actor_name(node_id: str) -> str:
@@ -89,21 +49,12 @@ class AgentActor:
         self._log_capacity = log_capacity
         prefix = f"{namespace}/{node_id}/"
         self._mark = f"{prefix}{uuid.uuid4().hex[:12]}"
-        _kill_marked(lambda mark: mark.startswith(prefix) and mark != self._mark)
+        kill_marked(lambda mark: mark.startswith(prefix) and mark != self._mark)
         # Children inherit os.environ (LocalAgent's inherited_env); the
         # actor's own /proc/<pid>/environ keeps its initial contents, so the
         # warden never finds the actor itself.
-        os.environ[AGENT_VAR] = self._mark
-        warden_env = {k: v for k, v in os.environ.items() if k != AGENT_VAR}
-        self._warden = subprocess.Popen(
-            [sys.executable, "-c", _WARDEN, AGENT_VAR, self._mark],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=warden_env,
-            start_new_session=True,
-            close_fds=True,
-        )
+        os.environ[MARK_VAR] = self._mark
+        self._warden = Warden(self._mark)
         self._agent: LocalAgent | None = None
         self._started: asyncio.Future[LocalAgent] | None = None
         self._closing = asyncio.Event()
@@ -182,9 +133,7 @@ class AgentActor:
             assert self._host is not None
             with contextlib.suppress(Exception):
                 await self._host
-        if self._warden.stdin is not None and not self._warden.stdin.closed:
-            self._warden.stdin.close()
-            await asyncio.to_thread(self._warden.wait)
+        await asyncio.to_thread(self._warden.release)
 
     async def _call(self, method: str, *args: Any) -> Any:
         agent = await self._ensure()
@@ -205,22 +154,3 @@ def actor_class() -> Any:
 
 
 _remote_class: Any = None
-
-
-def _kill_marked(matches: Any) -> None:
-    """SIGKILL every process whose AGENT_VAR satisfies matches, until none is left."""
-    for _ in range(100):
-        victims = []
-        for proc in psutil.process_iter():
-            try:
-                mark = proc.environ().get(AGENT_VAR)
-            except (psutil.Error, OSError):
-                continue
-            if mark is not None and matches(mark):
-                victims.append(proc)
-        if not victims:
-            return
-        for proc in victims:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(signal.SIGKILL)
-        psutil.wait_procs(victims, timeout=1.0)
