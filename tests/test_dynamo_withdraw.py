@@ -72,6 +72,15 @@ def worker_records(instance: int, publisher: int, port: int) -> dict[str, dict]:
     }  # fmt: skip
 
 
+def write_file_records(root: Path, records: dict[str, dict]) -> None:
+    """As Dynamo's file discovery does: <root>/v1/<kind>/<rest of the key, quoted>."""
+    for key, value in records.items():
+        _v1, kind, rest = key.split("/", 2)
+        path = root / "v1" / kind / quote(rest, safe="")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+
+
 def test_advertised_addresses_of_each_transport() -> None:
     tcp = {"transport": {"tcp": "127.0.0.1:38243/6a6ca203b49d0306/generate"}}
     zmq = {"transport": {"kind": "Zmq", "config": {"endpoint": "tcp://192.0.2.2:33545"}}}
@@ -91,11 +100,7 @@ async def test_file_discovery_loses_exactly_the_dead_workers_records(
     live_port, dead_port = ports
     live = worker_records(LIVE_ID, LIVE_PUB, live_port)
     dead = worker_records(DEAD_ID, DEAD_PUB, dead_port)
-    for key, value in {**live, **dead}.items():
-        _v1, kind, rest = key.split("/", 2)
-        path = tmp_path / "v1" / kind / quote(rest, safe="")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(value))
+    write_file_records(tmp_path, {**live, **dead})
     (tmp_path / "v1" / "instances" / "half-written").write_text('{"type": "Endp')
 
     withdrawn = await withdraw_dead_records(Registry("file", str(tmp_path)))

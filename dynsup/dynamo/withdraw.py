@@ -197,6 +197,18 @@ async def withdraw_dead(spec: ServiceSpec) -> None:
         await withdraw_dead_records(spec.registry)
 
 
+async def withdraw_leftovers(specs: Iterable[ServiceSpec]) -> None:
+    """At daemon start: what dead processes of an earlier run (a crash, a power
+    loss) left in file discovery, which a new frontend would list and route to.
+    (etcd is not running yet then; its leases run out by themselves.)"""
+    registries = {s.registry for s in specs if s.registry is not None}
+    for registry in sorted(r for r in registries if r.backend == "file"):
+        try:
+            await withdraw_dead_records(registry)
+        except OSError as exc:
+            log.warning("dynamo.withdraw_failed", location=registry.location, error=str(exc))
+
+
 async def withdraw_dead_records(registry: Registry) -> list[Record]:
     if registry.backend == "file":
         root = Path(registry.location)

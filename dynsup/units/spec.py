@@ -36,7 +36,7 @@ class ReadySpec:
     interval: float = 0.1  # between two attempts of a polling probe
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Registry:
     """The service-discovery store a unit registers itself in (Dynamo's).
 
