@@ -22,6 +22,7 @@ from .control.protocol import (
     BAD_NAME,
     SHUTTING_DOWN,
     CommandError,
+    LogData,
     arg,
     names_arg,
 )
@@ -217,7 +218,7 @@ class Commands:
     ) -> AsyncIterator[dict[str, Any]]:
         try:
             yield first
-            async for chunk in follower.receive:
+            async for chunk in follower.chunks():
                 if chunk.stream != stream:
                     continue
                 end = chunk.offset + len(chunk.data)
@@ -226,7 +227,7 @@ class Commands:
                 missed = max(0, chunk.offset - position)
                 data = chunk.data[max(0, position - chunk.offset) :]
                 position = end
-                yield {"data": data.decode("utf-8", "replace"), "missed": missed}
+                yield LogData(data, missed)
         finally:
             follower.close()
 

@@ -8,6 +8,8 @@ state_dir = "/var/lib/dynsup"
 log_format = "auto"            # "auto" | "console" | "json"
 socket_group = ""              # group allowed to act (socket mode 0660)
 readonly_group = ""            # group allowed read-only verbs
+journal_rate_limit_interval = "30s"  # at most journal_rate_limit_burst lines of
+journal_rate_limit_burst = 10000     # one unit per interval go to journald (0: all)
 
 [ray]
 enabled = "auto"               # true | false | "auto" (on when a unit asks for GPUs)
@@ -29,6 +31,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+from .units.durations import parse_duration
+from .units.errors import Invalid
 
 DEFAULT_CONFIG = Path("/etc/dynsup/dynsupd.toml")
 
@@ -53,6 +58,8 @@ class DaemonConfig:
     log_format: str = "auto"
     socket_group: str = ""
     readonly_group: str = ""
+    journal_rate_limit_interval: float = 30.0
+    journal_rate_limit_burst: int = 10000
     ray: RayConfig = field(default_factory=RayConfig)
     source: str = ""
 
@@ -64,6 +71,8 @@ _DAEMON_KEYS: dict[str, type | tuple[type, ...]] = {
     "log_format": str,
     "socket_group": str,
     "readonly_group": str,
+    "journal_rate_limit_interval": (int, float, str),
+    "journal_rate_limit_burst": int,
 }
 _RAY_KEYS: dict[str, type | tuple[type, ...]] = {
     "enabled": (bool, str),
@@ -117,6 +126,16 @@ def load_config(path: Path | None) -> DaemonConfig:
             errors.append(f'{path}: daemon.log_format: expected "auto", "console" or "json"')
         if not all(isinstance(u, str) for u in daemon.get("units", [])):
             errors.append(f"{path}: daemon.units: expected a list of directory paths")
+        interval = daemon.get("journal_rate_limit_interval", 30.0)
+        try:
+            daemon["journal_rate_limit_interval"] = parse_duration(interval)
+        except Invalid as exc:
+            errors.append(f"{path}: daemon.journal_rate_limit_interval: {exc}")
+        burst = daemon.get("journal_rate_limit_burst", 10000)
+        if isinstance(burst, int) and burst < 0:
+            errors.append(
+                f"{path}: daemon.journal_rate_limit_burst: expected 0 or more, got {burst}"
+            )
     if isinstance(ray, dict) and ray.get("enabled", "auto") not in (True, False, "auto"):
         errors.append(f'{path}: ray.enabled: expected true, false or "auto"')
     if errors:
@@ -128,6 +147,8 @@ def load_config(path: Path | None) -> DaemonConfig:
         log_format=daemon.get("log_format", "auto"),
         socket_group=daemon.get("socket_group", ""),
         readonly_group=daemon.get("readonly_group", ""),
+        journal_rate_limit_interval=daemon.get("journal_rate_limit_interval", 30.0),
+        journal_rate_limit_burst=daemon.get("journal_rate_limit_burst", 10000),
         ray=RayConfig(**ray),
         source=str(path),
     )

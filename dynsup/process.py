@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import subprocess
@@ -39,6 +40,8 @@ from .agent_api import ExitStatus, SpawnError
 
 TOKEN_VAR = "DYNSUP_TOKEN"
 _PR_SET_CHILD_SUBREAPER = 36
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ from Python 3.10; spelled out for clarity
+PIPE_SIZE = 1 << 20
 # Polling interval while waiting for a group to empty: short at first so a
 # well-behaved program that exits at once is noticed within a few ms.
 _EMPTY_POLL_FIRST = 0.002
@@ -72,6 +75,13 @@ def exit_status_from_wait(status: int) -> ExitStatus:
 class _Known:
     pid: int
     start_time: float
+
+
+def _enlarge_pipe(fd: int) -> None:
+    """A 1 MiB pipe (Linux's default is 64 KiB): a child printing in bursts goes on
+    writing while the agent is busy elsewhere, and each read takes more at once."""
+    with contextlib.suppress(OSError):  # over /proc/sys/fs/pipe-max-size: keep the default
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
 
 
 @dataclass
@@ -110,6 +120,8 @@ class ProcessGroup:
         child_env = {**env, TOKEN_VAR: token}
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        for fd in (out_r, err_r):
+            _enlarge_pipe(fd)
         try:
             popen = subprocess.Popen(
                 argv,

@@ -144,8 +144,10 @@ class Client:
     def _read_message(self, timeout: float | None) -> dict[str, Any]:
         """The next message; TimeoutError when none came within timeout."""
         assert self._sock is not None
+        scanned = 0  # no newline in _buf[:scanned]: a long line is searched once
         while True:
-            end = self._buf.find(b"\n")
+            end = self._buf.find(b"\n", scanned)
+            scanned = len(self._buf)
             if end >= 0:
                 line = bytes(self._buf[:end])
                 del self._buf[: end + 1]

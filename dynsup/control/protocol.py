@@ -23,6 +23,7 @@ reply can never contain a raw newline.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -183,6 +184,41 @@ def _short(exc: BaseException) -> str:
 def encode(message: dict[str, Any]) -> bytes:
     """One message as a line. Raises ValueError/TypeError for what JSON cannot carry."""
     return json.dumps(message, allow_nan=False, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+@dataclass(frozen=True)
+class LogData:
+    """A `tail -f` event, ``{"data": text, "missed": n}`` on the wire, kept as bytes
+    until it is sent: plain text is escaped with a few bytes.replace calls, several
+    times faster than json.dumps (which a log flood would otherwise spend the
+    daemon's CPU on)."""
+
+    data: bytes
+    missed: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"data": self.data.decode("utf-8", "replace"), "missed": self.missed}
+
+
+# Printable ASCII, newline and tab: JSON only escapes \\, \", \n and \t of them.
+_PLAIN_TEXT = bytes(range(0x20, 0x7F)) + b"\n\t"
+
+
+def encode_event(request_id: RequestId, event: Any) -> bytes:
+    """One event reply as a line (what `encode(event_reply(...))` gives, faster for LogData)."""
+    if not isinstance(event, LogData):
+        return encode(event_reply(request_id, event))
+    if event.data.translate(None, _PLAIN_TEXT):  # control bytes or UTF-8: the general way
+        return encode(event_reply(request_id, event.as_json()))
+    text = (
+        event.data.replace(b"\\", b"\\\\")
+        .replace(b'"', b'\\"')
+        .replace(b"\n", b"\\n")
+        .replace(b"\t", b"\\t")
+    )
+    line = encode(event_reply(request_id, {"missed": event.missed, "data": ""}))
+    assert line.endswith(b'""}}\n')
+    return line[:-4] + text + line[-4:]
 
 
 def encode_request(request_id: RequestId, cmd: str, args: dict[str, Any] | None = None) -> bytes:

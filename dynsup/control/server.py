@@ -51,8 +51,8 @@ from .protocol import (
     RequestId,
     RequestRejected,
     encode,
+    encode_event,
     error_reply,
-    event_reply,
     parse_request,
     result_reply,
 )
@@ -428,7 +428,7 @@ class _Connection:
             try:
                 async for event in events:
                     # Encoded here: an event that is not JSON ends the stream with INTERNAL.
-                    await self.send_bytes(encode(event_reply(request_id, event)))
+                    await self.send_bytes(encode_event(request_id, event))
                 result = stream.final() if stream.final is not None else None
                 if inspect.isawaitable(result):
                     result = await result

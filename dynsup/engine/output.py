@@ -8,6 +8,7 @@ Publishing never blocks: a subscriber that falls behind loses lines.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator
 
 import anyio
@@ -16,6 +17,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ..agent_api import LogChunk
 
 _MAX_LINE = 64 * 1024
+# What a `tail -f` follower may have queued (its socket is slower than the
+# unit): the daemon's memory stays bounded under a flood.
+FOLLOW_BUDGET = 4 << 20
 
 
 class LineSubscription:
@@ -63,13 +67,27 @@ class LineSubscription:
 
 
 class ChunkFollower:
-    """Raw chunks of one unit, for `tail -f`. Bounded: a slow follower loses chunks
-    and sees the gap in the offsets of the next one."""
+    """Raw chunks of one unit, for `tail -f`. Bounded in bytes: a slow follower
+    loses chunks and sees the gap in the offsets of the next one."""
 
-    def __init__(self, hub: OutputHub, name: str, buffer: int) -> None:
+    def __init__(self, hub: OutputHub, name: str, budget: int) -> None:
         self.name = name
+        self.budget = budget
+        self.queued = 0  # bytes published and not yet taken
         self._hub = hub
-        self.send, self.receive = anyio.create_memory_object_stream[LogChunk](buffer)
+        self.send, self.receive = anyio.create_memory_object_stream[LogChunk](math.inf)
+
+    def offer(self, chunk: LogChunk) -> None:
+        if self.queued + len(chunk.data) > self.budget:
+            return  # lost; the next chunk's offset tells the follower how much
+        self.queued += len(chunk.data)
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.send.send_nowait(chunk)
+
+    async def chunks(self) -> AsyncIterator[LogChunk]:
+        async for chunk in self.receive:
+            self.queued -= len(chunk.data)
+            yield chunk
 
     def close(self) -> None:
         self._hub.unfollow(self)
@@ -82,8 +100,8 @@ class OutputHub:
         self._subs: dict[str, list[LineSubscription]] = {}
         self._followers: dict[str, list[ChunkFollower]] = {}
 
-    def follow(self, name: str, buffer: int = 256) -> ChunkFollower:
-        follower = ChunkFollower(self, name, buffer)
+    def follow(self, name: str, budget: int = FOLLOW_BUDGET) -> ChunkFollower:
+        follower = ChunkFollower(self, name, budget)
         self._followers.setdefault(name, []).append(follower)
         return follower
 
@@ -106,6 +124,4 @@ class OutputHub:
         for sub in list(self._subs.get(chunk.name, ())):
             sub.offer(chunk)
         for follower in list(self._followers.get(chunk.name, ())):
-            # A lagging follower loses chunks; the next one's offset tells it how much.
-            with contextlib.suppress(anyio.WouldBlock):
-                follower.send.send_nowait(chunk)
+            follower.offer(chunk)

@@ -5,6 +5,7 @@ from .journald import (
     JournalSender,
     JournalStatistics,
     LineSplitter,
+    RateLimit,
     UnitOutputForwarder,
     journal_is_live,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "JournalStatistics",
     "LineSplitter",
     "LogStore",
+    "RateLimit",
     "RingBuffer",
     "UnitOutputForwarder",
     "configure_logging",

@@ -22,7 +22,8 @@ import os
 import re
 import socket
 import struct
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..agent_api import LogChunk
@@ -231,6 +232,17 @@ class LineSplitter:
         self._partial = rest[full:]
         return out
 
+    def skip(self, data: bytes) -> int:
+        """Like `feed`, but the lines data completes are only counted (overlong ones once)."""
+        newline = data.rfind(b"\n")
+        if newline < 0:
+            return len(self.feed(data))  # still within one unfinished line
+        count = data.count(b"\n", 0, newline) + 1
+        # The unfinished line the data completes counts once, however long.
+        self._partial = bytearray(data[newline + 1 :])
+        pieces = self.feed(b"")  # an overlong rest is cut as feed would
+        return count + len(pieces)
+
     def flush(self) -> bytes | None:
         """The unfinished line, if any, as a line of its own."""
         if not self._partial:
@@ -245,52 +257,133 @@ class LineSplitter:
         return [line[i : i + self.max_line] for i in range(0, len(line), self.max_line)]
 
 
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``burst`` lines of one unit per ``interval`` seconds (0: no limit).
+
+    journald's own rule for a service (RateLimitIntervalSec=30s,
+    RateLimitBurst=10000). Here it also keeps a flooding unit from taking
+    the daemon's CPU: past the limit its lines are only counted, not split
+    and sent, and one entry says how many were suppressed.
+    """
+
+    interval: float = 30.0
+    burst: int = 10000
+
+
+@dataclass
+class _Window:
+    start: float
+    sent: int = 0
+    suppressed: int = 0
+
+
+@dataclass
+class _Stream:
+    pid: int
+    splitter: LineSplitter
+    prefix: bytes  # the encoded fields every entry of this (unit, stream, pid) carries
+
+
 class UnitOutputForwarder:
     """Sends units' output to journald, one entry per line.
 
     Keeps a `LineSplitter` per (unit, stream). An unfinished line is sent
     by `flush` (when the process exits) or when output from a new pid of
-    the same stream arrives, with the pid that wrote it.
+    the same stream arrives, with the pid that wrote it. Lines over a
+    unit's `RateLimit` are suppressed and counted.
     """
 
-    def __init__(self, sender: JournalSender, node: str | None = None) -> None:
+    def __init__(
+        self,
+        sender: JournalSender,
+        node: str | None = None,
+        rate_limit: RateLimit | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.sender = sender
         self.node = node or socket.gethostname()
-        self._splitters: dict[tuple[str, str], tuple[int, LineSplitter]] = {}
+        self.rate_limit = rate_limit or RateLimit()
+        self._clock = clock
+        self._streams: dict[tuple[str, str], _Stream] = {}
+        self._windows: dict[str, _Window] = {}
 
     def feed(self, chunk: LogChunk) -> None:
         key = (chunk.name, chunk.stream)
-        held = self._splitters.get(key)
-        if held is not None and held[0] != chunk.pid:
+        held = self._streams.get(key)
+        if held is not None and held.pid != chunk.pid:
             self._flush_key(key)
             held = None
         if held is None:
-            held = self._splitters[key] = (chunk.pid, LineSplitter())
-        for line in held[1].feed(chunk.data):
-            self._send(chunk.name, chunk.stream, chunk.pid, line)
+            held = self._streams[key] = _Stream(
+                chunk.pid, LineSplitter(), self._prefix(chunk.name, chunk.stream, chunk.pid)
+            )
+        allowed = self._allowance(chunk.name)
+        if allowed == 0:
+            # Over the limit: count the lines, keep only the unfinished one.
+            self._windows[chunk.name].suppressed += held.splitter.skip(chunk.data)
+            return
+        lines = held.splitter.feed(chunk.data)
+        if allowed is not None and len(lines) > allowed:
+            self._windows[chunk.name].suppressed += len(lines) - allowed
+            lines = lines[:allowed]
+        for line in lines:
+            self._send(held, line)
+        if allowed is not None:
+            self._windows[chunk.name].sent += len(lines)
 
     def flush(self, name: str, stream: str | None = None) -> None:
         """Send the unfinished lines of a unit (both streams when stream is None)."""
         streams = (stream,) if stream is not None else ("stdout", "stderr")
         for s in streams:
             self._flush_key((name, s))
+        if stream is None:
+            self._end_window(name)
+
+    def _allowance(self, name: str) -> int | None:
+        """How many more lines name may send now (None: unlimited)."""
+        limit = self.rate_limit
+        if limit.burst <= 0 or limit.interval <= 0:
+            return None
+        now = self._clock()
+        window = self._windows.get(name)
+        if window is None or now - window.start >= limit.interval:
+            self._end_window(name)
+            window = self._windows[name] = _Window(start=now)
+        return max(0, limit.burst - window.sent)
+
+    def _end_window(self, name: str) -> None:
+        window = self._windows.pop(name, None)
+        if window is not None and window.suppressed:
+            limit = self.rate_limit
+            self.sender.send(
+                f"dynsup: suppressed {window.suppressed} lines of {name}'s output"
+                f" (more than {limit.burst} lines in {limit.interval:g}s;"
+                " all of it is in `dynsupctl tail`'s buffer while it lasts)",
+                priority=4,  # warning
+                identifier=name,
+                fields={"DYNSUP_UNIT": name, "DYNSUP_NODE": self.node,
+                        "DYNSUP_SUPPRESSED": window.suppressed},
+            )  # fmt: skip
 
     def _flush_key(self, key: tuple[str, str]) -> None:
-        held = self._splitters.pop(key, None)
+        held = self._streams.pop(key, None)
         if held is not None:
-            line = held[1].flush()
+            line = held.splitter.flush()
             if line is not None:
-                self._send(key[0], key[1], held[0], line)
+                self._send(held, line)
 
-    def _send(self, name: str, stream: str, pid: int, line: bytes) -> None:
-        self.sender.send(
-            line,
-            priority=UNIT_OUTPUT_PRIORITY,
-            identifier=name,
-            fields={
-                "DYNSUP_UNIT": name,
-                "DYNSUP_STREAM": stream,
-                "DYNSUP_PID": pid,
-                "DYNSUP_NODE": self.node,
-            },
-        )
+    def _prefix(self, name: str, stream: str, pid: int) -> bytes:
+        fields = {
+            "PRIORITY": UNIT_OUTPUT_PRIORITY,
+            "SYSLOG_IDENTIFIER": name,
+            "DYNSUP_UNIT": name,
+            "DYNSUP_STREAM": stream,
+            "DYNSUP_PID": pid,
+            "DYNSUP_NODE": self.node,
+        }
+        return encode_entry(fields.items())
+
+    def _send(self, held: _Stream, line: bytes) -> None:
+        # Lines hold no newline: MESSAGE=<line> is the plain form of the field.
+        self.sender.send_payload(b"%sMESSAGE=%s\n" % (held.prefix, line))
