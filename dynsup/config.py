@@ -134,7 +134,7 @@ def load_config(path: Path | None) -> DaemonConfig:
         burst = daemon.get("journal_rate_limit_burst", 10000)
         if isinstance(burst, int) and burst < 0:
             errors.append(
-                f"{path}: daemon.journal_rate_limit_burst: expected 0 or more, got {burst}"
+                f"{path}: daemon.journal_rate_limit_burst: expected 0 or more lines, got {burst}"
             )
     if isinstance(ray, dict) and ray.get("enabled", "auto") not in (True, False, "auto"):
         errors.append(f'{path}: ray.enabled: expected true, false or "auto"')

@@ -19,6 +19,7 @@ from dynsup.agent_api import LogChunk
 from dynsup.logs import (
     JournalSender,
     LineSplitter,
+    RateLimit,
     UnitOutputForwarder,
     configure_logging,
     journal_is_live,
@@ -166,6 +167,40 @@ def test_unfinished_line_keeps_the_pid_that_wrote_it(dgram_server: tuple[str, so
     assert b"DYNSUP_PID=100\n" in first
     assert b"MESSAGE=restarted\n" in second
     assert b"DYNSUP_PID=200\n" in second
+
+
+def test_a_flooding_unit_is_rate_limited_like_journald_does(
+    sender: JournalSender, journald_instance: Journald
+) -> None:
+    unit, quiet = unique("flood"), unique("quiet")
+    now = [1000.0]
+    forwarder = UnitOutputForwarder(
+        sender, node="n", rate_limit=RateLimit(interval=30, burst=5), clock=lambda: now[0]
+    )
+    offset = 0
+
+    def feed(name: str, data: bytes) -> None:
+        nonlocal offset
+        forwarder.feed(LogChunk(1, name, "stdout", 7, offset, data, 0.0))
+        offset += len(data)
+
+    feed(unit, b"".join(b"line %d\n" % i for i in range(3)))
+    feed(unit, b"".join(b"line %d\n" % i for i in range(3, 8)) + b"half ")
+    feed(unit, b"of a line\n" + b"more\n" * 1000)  # over the limit: only counted
+    feed(quiet, b"another unit has its own budget\n")
+    now[0] += 30  # a new window: the count is reported, lines flow again
+    feed(unit, b"after the window\n")
+    entries = journald_instance.entries(unit, count=7)
+    assert [e["MESSAGE"] for e in entries] == [
+        *(f"line {i}" for i in range(5)),
+        f"dynsup: suppressed 1004 lines of {unit}'s output (more than 5 lines in 30s;"
+        " all of it is in `dynsupctl tail`'s buffer while it lasts)",
+        "after the window",
+    ]
+    assert entries[5]["PRIORITY"] == "4" and entries[5]["DYNSUP_SUPPRESSED"] == "1004"
+    assert [e["MESSAGE"] for e in journald_instance.entries(quiet)] == [
+        "another unit has its own budget"
+    ]
 
 
 @pytest.fixture
