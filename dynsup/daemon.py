@@ -122,10 +122,13 @@ def load_specs(
     settings: Settings,
     replicas: Mapping[str, int] | None = None,
     models: dict[str, str] | None = None,
+    port_blocks: dict[str, int] | None = None,
 ) -> dict[str, ServiceSpec]:
     """Read the unit directories and expand model units into the stack's services.
 
     ``models``, when given, is filled with the model units found (name -> mode).
+    ``port_blocks``: the models' port blocks as assigned before; replaced by
+    the blocks assigned now.
     """
     context = {"state_dir": str(settings.state_dir)}
     ray = settings.config.ray
@@ -133,6 +136,7 @@ def load_specs(
         state_dir=str(settings.state_dir),
         gpus_per_node=gpus_per_node(ray),
         replicas=replicas or {},
+        port_blocks=dict(port_blocks or {}),
     )
 
     def expand(services: dict[str, ServiceSpec], others: dict[str, list[Any]]) -> Any:
@@ -141,7 +145,11 @@ def load_specs(
             models.update({m.name: m.mode for m in others.get("ModelSpec", [])})
         return expand_stack(services, others, stack)
 
-    return load_units([Path(d) for d in settings.unit_dirs], context=context, expand=expand)
+    specs = load_units([Path(d) for d in settings.unit_dirs], context=context, expand=expand)
+    if port_blocks is not None:
+        port_blocks.clear()
+        port_blocks.update(stack.port_blocks_out)
+    return specs
 
 
 def output_consumer(
@@ -237,7 +245,10 @@ class Daemon:
     def reread(self, replicas: Mapping[str, int] | None = None) -> dict[str, ServiceSpec]:
         if replicas is None:
             replicas = self.desired.replicas
-        return load_specs(self.settings, replicas, self.models)
+        blocks = dict(self.desired.port_blocks)
+        specs = load_specs(self.settings, replicas, self.models, blocks)
+        self.desired.remember_port_blocks(blocks)
+        return specs
 
     async def serve(self, journal: UnitOutputForwarder | None) -> None:
         settings = self.settings

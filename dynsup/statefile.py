@@ -29,6 +29,8 @@ class DesiredState:
         self.overrides: dict[str, bool] = {}
         # `dynsupctl scale MODEL[:ROLE] N`: replica counts that override the unit files.
         self.replicas: dict[str, int] = {}
+        # Each model unit's port block, kept across reloads and restarts.
+        self.port_blocks: dict[str, int] = {}
 
     @classmethod
     def load(cls, state_dir: Path) -> DesiredState:
@@ -46,11 +48,20 @@ class DesiredState:
         for key, count in data.get("replicas", {}).items():
             if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
                 state.replicas[key] = count
+        for name, port in data.get("port_blocks", {}).items():
+            if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+                state.port_blocks[name] = port
         return state
 
     def set_replicas(self, key: str, count: int) -> None:
         self.replicas[key] = count
         self.save()
+
+    def remember_port_blocks(self, blocks: dict[str, int]) -> None:
+        """The blocks of the models that exist now (a removed model's is forgotten)."""
+        if blocks != self.port_blocks:
+            self.port_blocks = dict(blocks)
+            self.save()
 
     def wants(self, name: str, autostart: bool) -> bool:
         return self.overrides.get(name, autostart)
@@ -75,6 +86,7 @@ class DesiredState:
             {
                 "wanted": dict(sorted(self.overrides.items())),
                 "replicas": dict(sorted(self.replicas.items())),
+                "port_blocks": dict(sorted(self.port_blocks.items())),
             }
         )
         fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.path.parent)

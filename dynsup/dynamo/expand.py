@@ -62,6 +62,10 @@ class StackContext:
     # GPUs of one node; a TP group larger than this spans nodes (ranks).
     gpus_per_node: int | None = None
     replicas: Mapping[str, int] = field(default_factory=dict)  # `dynsupctl scale` overrides
+    # Each model's port block as last assigned; the expansion writes the
+    # blocks it assigns into port_blocks_out, for the daemon to remember.
+    port_blocks: Mapping[str, int] = field(default_factory=dict)
+    port_blocks_out: dict[str, int] = field(default_factory=dict)
 
 
 class _Problems:
@@ -183,10 +187,13 @@ class _Builder:
             if spec is not None:
                 specs.append(spec)
         try:
-            blocks = model_blocks([m.name for m in self.models], self.stack.port_base)
+            blocks = model_blocks(
+                [m.name for m in self.models], self.stack.port_base, self.ctx.port_blocks
+            )
         except PortError as exc:
             self.problems.add(self.stack.source, "dynamo.port_base", str(exc))
             return specs
+        self.ctx.port_blocks_out.update(blocks)
         self._check_slugs()
         for model in self.models:
             specs.extend(self._workers(model, blocks[model.name]))

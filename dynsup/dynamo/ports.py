@@ -1,8 +1,9 @@
 """Ports of a stack, each assigned once.
 
 Every model gets a block of ports from ``port_base``; the block is chosen
-by a hash of the model unit's name (probing on collision), so adding or
-removing a model does not move the ports of the others, and adding a
+by a hash of the model unit's name (probing on collision) and then kept
+(the daemon's state file remembers it), so adding or removing a model does
+not move the ports of the others, and adding a
 replica does not move the ports of the replicas before it. Within a block,
 decode/aggregated workers count up from the start and prefill workers from
 the middle; each worker owns a fixed stride of ports.
@@ -11,7 +12,7 @@ the middle; each worker owns a fixed stride of ports.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 BLOCK = 400
@@ -38,14 +39,30 @@ def stride(tp: int) -> int:
     return 3 + tp
 
 
-def model_blocks(names: Iterable[str], port_base: int) -> dict[str, int]:
-    """The first port of each model's block."""
+def model_blocks(
+    names: Iterable[str], port_base: int, previous: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """The first port of each model's block.
+
+    ``previous``: the blocks the models had before (the daemon keeps them in
+    its state file). A model keeps its block while it is still valid for this
+    port_base, so a new model whose hash collides with an old one's never
+    pushes the old one (and its running workers) to other ports.
+    """
     count = (MAX_PORT - port_base) // BLOCK
     if count < 1:
         raise PortError(f"port_base {port_base} leaves no room below {MAX_PORT}")
+    names = sorted(names)
     taken: dict[int, str] = {}
     blocks: dict[str, int] = {}
-    for name in sorted(names):
+    for name in names:
+        index, off = divmod((previous or {}).get(name, -1) - port_base, BLOCK)
+        if off == 0 and 0 <= index < count and index not in taken:
+            taken[index] = name
+            blocks[name] = port_base + index * BLOCK
+    for name in names:
+        if name in blocks:
+            continue
         index = zlib.crc32(name.encode()) % count
         for _ in range(count):
             if index not in taken:
