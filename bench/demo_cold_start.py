@@ -53,7 +53,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -73,6 +72,7 @@ DYNSUPCTL = BIN / "dynsupctl"
 THRESHOLD_S = 3.0
 
 sys.path.insert(0, str(REPO))
+from tests.daemon_helpers import free_port, port_is_free  # noqa: E402
 
 try:
     import tomllib
@@ -81,26 +81,6 @@ except ModuleNotFoundError:  # Python 3.10
 
 
 # -- ports ---------------------------------------------------------------------
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(*, also: int | None = None) -> int:
-    """A port that is free now; with ``also``, port + also is free too."""
-    for _ in range(200):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if also is None or (port + also <= 65535 and port_is_free(port + also)):
-            return port
-    raise RuntimeError("no free port found")
 
 
 def stack_ports(units: Path) -> list[int]:

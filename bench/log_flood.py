@@ -35,9 +35,7 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +43,6 @@ import tempfile
 import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +51,10 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from dynsup.logs.journald import JOURNAL_SOCKET, journal_is_live  # noqa: E402
 from dynsup.process import PIPE_SIZE  # noqa: E402
-
-F_SETPIPE_SZ = 1031
+from tests.journald_fixture import JournaldUnavailable, live_journald  # noqa: E402
 
 BIN = REPO / ".venv" / "bin"
-JOURNALD = "/lib/systemd/systemd-journald"
 
 CHILD = textwrap.dedent(
     """
@@ -112,7 +106,7 @@ def run_child_into_bare_pipe(tmp: Path, seconds: float) -> Flood:
     """The child into a pipe as big as dynsup's, drained by a loop that does nothing else."""
     result = tmp / "pipe.count"
     read_end, write_end = os.pipe()
-    fcntl.fcntl(read_end, F_SETPIPE_SZ, PIPE_SIZE)
+    fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     child = subprocess.Popen(child_argv(tmp, result, seconds), stdout=write_end)
     os.close(write_end)
     while os.read(read_end, 256 * 1024):
@@ -123,43 +117,15 @@ def run_child_into_bare_pipe(tmp: Path, seconds: float) -> Flood:
 
 
 @contextlib.contextmanager
-def journald_namespace() -> Iterator[str | None]:
-    """A journald socket to send to: the host's, one started here, or None."""
-    if journal_is_live(JOURNAL_SOCKET):
-        yield JOURNAL_SOCKET
-        return
-    if not os.access(JOURNALD, os.X_OK) or os.geteuid() != 0:
-        print("journal: none live and none can be started here; running without")
-        yield None
-        return
-    namespace = f"dynsup-bench-{uuid.uuid4().hex[:8]}"
-    path = f"/run/systemd/journal.{namespace}/socket"
-    proc = subprocess.Popen(
-        [JOURNALD, namespace],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    keepalive = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def journald_socket() -> Iterator[str | None]:
+    """A live journald's socket (the host's, or a namespace started as the tests do), or None."""
     try:
-        deadline = time.monotonic() + 10
-        while not journal_is_live(path):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"systemd-journald {namespace} did not start")
-            time.sleep(0.02)
-        # A namespace instance exits after 30 s without a client: hold one.
-        keepalive.connect(os.path.join(os.path.dirname(path), "stdout"))
-        print(f"journal: systemd-journald namespace {namespace}")
-        yield path
-    finally:
-        keepalive.close()
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(f"/run/systemd/journal.{namespace}", ignore_errors=True)
-        for pattern in (f"/run/log/journal/*.{namespace}", f"/var/log/journal/*.{namespace}"):
-            for found in Path("/").glob(pattern.lstrip("/")):
-                shutil.rmtree(found, ignore_errors=True)
+        with live_journald("dynsup-bench") as journal:
+            print(f"journal: {journal.namespace or 'the host journal'}")
+            yield journal.socket_path
+    except JournaldUnavailable as exc:  # raised before the yield only
+        print(f"journal: {exc}; running without")
+        yield None
 
 
 @dataclass
@@ -306,7 +272,7 @@ def main() -> int:
         tmp = Path(name)
         stack = contextlib.ExitStack()
         with stack:
-            journal = stack.enter_context(journald_namespace()) if args.journal == "auto" else None
+            journal = stack.enter_context(journald_socket()) if args.journal == "auto" else None
             for run in range(1, args.runs + 1):
                 null = run_child_to_devnull(tmp, args.seconds)
                 bare = run_child_into_bare_pipe(tmp, args.seconds)

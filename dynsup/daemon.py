@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import signal
@@ -360,7 +359,7 @@ def fixed_mmap_threshold() -> None:
     whole and the RSS stays near 45 MiB.
     """
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # this process's own symbols: no ldconfig lookup
         libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 

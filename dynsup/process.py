@@ -40,7 +40,6 @@ from .agent_api import ExitStatus, SpawnError
 
 TOKEN_VAR = "DYNSUP_TOKEN"
 _PR_SET_CHILD_SUBREAPER = 36
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ from Python 3.10; spelled out for clarity
 PIPE_SIZE = 1 << 20
 # Polling interval while waiting for a group to empty: short at first so a
 # well-behaved program that exits at once is noticed within a few ms.
@@ -81,7 +80,7 @@ def _enlarge_pipe(fd: int) -> None:
     """A 1 MiB pipe (Linux's default is 64 KiB): a child printing in bursts goes on
     writing while the agent is busy elsewhere, and each read takes more at once."""
     with contextlib.suppress(OSError):  # over /proc/sys/fs/pipe-max-size: keep the default
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 @dataclass

@@ -45,6 +45,14 @@ def alive(pid: int | None) -> bool:
         return False
 
 
+def running(proc: psutil.Process) -> bool:
+    """Alive and still the same process (psutil checks its start time), not a zombie."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 @asynccontextmanager
 async def open_engine(
     *specs: ServiceSpec, after_exit: AfterExit | None = None

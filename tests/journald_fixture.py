@@ -102,18 +102,24 @@ def _stop(proc: subprocess.Popen[bytes], namespace: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def journald_instance() -> Iterator[Journald]:
-    """The host's journald when it is live, else one started for this session."""
+class JournaldUnavailable(RuntimeError):
+    """No journald is live and none can be started here."""
+
+
+@contextlib.contextmanager
+def live_journald(prefix: str = "dynsup-test") -> Iterator[Journald]:
+    """The host's journald when it is live, else one started in a namespace of its own."""
     if journal_is_live(JOURNAL_SOCKET):
         yield Journald(JOURNAL_SOCKET, None)
         return
     if not os.access(JOURNALD, os.X_OK) or shutil.which("journalctl") is None:
-        pytest.fail(f"no live journald and no {JOURNALD} to start (apt-get install systemd)")
+        raise JournaldUnavailable(
+            f"no live journald and no {JOURNALD} to start (apt-get install systemd)"
+        )
     if os.geteuid() != 0:
-        pytest.fail("no live journald, and starting one needs root")
+        raise JournaldUnavailable("no live journald, and starting one needs root")
     # Unique even when two conftests register the fixture in one session.
-    namespace = f"dynsup-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    namespace = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     socket_path = f"/run/systemd/journal.{namespace}/socket"
     with tempfile.TemporaryDirectory(prefix="dynsup-journald-") as tmp:
         log_path = os.path.join(tmp, "journald.log")
@@ -123,7 +129,9 @@ def journald_instance() -> Iterator[Journald]:
             while not journal_is_live(socket_path):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     with open(log_path, errors="replace") as f:
-                        pytest.fail(f"systemd-journald {namespace} did not start:\n{f.read()}")
+                        raise JournaldUnavailable(
+                            f"systemd-journald {namespace} did not start:\n{f.read()}"
+                        )
                 time.sleep(_POLL)
             # A namespace instance exits after 30 s without traffic unless a
             # client stays connected: hold a stdout stream open (and idle).
@@ -141,6 +149,16 @@ def journald_instance() -> Iterator[Journald]:
         finally:
             with contextlib.suppress(OSError):
                 _stop(proc, namespace)
+
+
+@pytest.fixture(scope="session")
+def journald_instance() -> Iterator[Journald]:
+    """The host's journald when it is live, else one started for this session."""
+    try:
+        with live_journald() as instance:
+            yield instance
+    except JournaldUnavailable as exc:  # raised before the yield only
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,8 @@ import pytest
 
 from dynsup.placement import RayHandle, connect, group_prefix
 
+from .helpers import running
+
 TEST_SESSION_MARK = "DYNSUP_TEST_SESSION"  # conftest's per-test leak check
 CLUSTER_MARK = "DYNSUP_TEST_RAY_CLUSTER"  # every process of one ray_multinode cluster
 EMBEDDED_GPUS = 8
@@ -80,7 +82,7 @@ def ray_embedded() -> Iterator[RayHandle]:
         processes = _session_processes(session_dir)
         handle.shutdown()
         _, alive = psutil.wait_procs(processes, timeout=_EXIT_TIMEOUT)
-        leftovers = [p for p in alive if _running(p)]
+        leftovers = [p for p in alive if running(p)]
         _kill(leftovers)
         assert not leftovers, f"Ray left processes after shutdown: {_describe(leftovers)}"
 
@@ -192,7 +194,7 @@ async def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.
 
     alive = procs
     with anyio.move_on_after(timeout):
-        while alive := [p for p in alive if _running(p)]:
+        while alive := [p for p in alive if running(p)]:
             await anyio.sleep(0.02)
     return alive
 
@@ -283,7 +285,7 @@ def _stop_cluster(token: str) -> list[psutil.Process]:
             break
         _kill(procs)
         _, alive = psutil.wait_procs(procs, timeout=_EXIT_TIMEOUT)
-    return [p for p in alive if _running(p)]
+    return [p for p in alive if running(p)]
 
 
 def _cluster_processes(token: str, raylets: set[str]) -> list[psutil.Process]:
@@ -297,7 +299,7 @@ def _cluster_processes(token: str, raylets: set[str]) -> list[psutil.Process]:
     for proc in psutil.process_iter():
         if proc.pid not in found and _env(proc).get("RAY_RAYLET_PID") in raylets:
             found[proc.pid] = proc
-    return [p for p in found.values() if _running(p)]
+    return [p for p in found.values() if running(p)]
 
 
 def _session_processes(session_dir: str) -> list[psutil.Process]:
@@ -315,13 +317,6 @@ def _kill(procs: list[psutil.Process]) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _env(proc: psutil.Process) -> dict[str, str]:

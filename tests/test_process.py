@@ -13,6 +13,8 @@ import pytest
 
 from dynsup.process import ProcessGroup, become_subreaper
 
+from .helpers import alive
+
 pytestmark = pytest.mark.anyio
 
 
@@ -28,13 +30,6 @@ async def read_pids(group: ProcessGroup, count: int) -> list[int]:
             await anyio.wait_readable(group.stdout_fd)
             buf += os.read(group.stdout_fd, 4096)
     return [int(x) for x in buf.split()[:count]]
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture(autouse=True)
