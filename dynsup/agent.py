@@ -21,7 +21,16 @@ import psutil
 import structlog
 from anyio.abc import TaskGroup
 
-from .agent_api import ChunkBatch, ExitStatus, LogRead, NotRunning, PortBusy, Spawned
+from .agent_api import (
+    ChunkBatch,
+    ExitStatus,
+    LogRead,
+    NotRunning,
+    PortBusy,
+    Spawned,
+    SpawnError,
+    SpawnRequest,
+)
 from .logs import LogStore
 from .process import ProcessGroup, become_subreaper, signal_by_name
 
@@ -120,28 +129,18 @@ class LocalAgent:
 
     # -- the Agent contract --------------------------------------------------
 
-    async def spawn(
-        self,
-        name: str,
-        argv: list[str],
-        env: dict[str, str],
-        cwd: str | None,
-        stop_signal: str = "SIGTERM",
-        stop_timeout: float = 10.0,
-        unset_env: list[str] | None = None,
-        ports: list[int] | None = None,
-        tag: str = "",
-    ) -> Spawned:
+    async def spawn(self, request: SpawnRequest) -> Spawned:
+        name = request.name
         previous = self._hosted.get(name)
         if previous is not None and not previous.done.is_set():
-            raise RuntimeError(f"{name} is already running (pid {previous.group.pid})")
-        for port in ports or ():
+            raise SpawnError(f"{name} is already running (pid {previous.group.pid})")
+        for port in request.ports:
             holder = port_holder(port)
             if holder is not None:
                 raise PortBusy(f"{name}: port {port} is already in use on {self.node} ({holder})")
-        full_env = {**inherited_env(unset_env or ()), **env, **self._env}
-        group = ProcessGroup.spawn(name, argv, full_env, cwd)
-        hosted = _Hosted(group, stop_signal, stop_timeout, tag)
+        full_env = {**inherited_env(request.unset_env), **request.env, **self._env}
+        group = ProcessGroup.spawn(name, list(request.argv), full_env, request.cwd)
+        hosted = _Hosted(group, request.stop_signal, request.stop_timeout, request.tag)
         self._hosted[name] = hosted
         assert self._tg is not None, "agent used outside its context"
         self._tg.start_soon(self._pump, group, group.stdout_fd, "stdout")

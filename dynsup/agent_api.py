@@ -9,7 +9,7 @@ name (a unit, or a unit's replica/rank such as ``llama-0-r1``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -27,6 +27,25 @@ class PortBusy(SpawnError):
 
 class NotRunning(AgentError):
     """No process of that name is hosted here."""
+
+
+@dataclass(frozen=True)
+class SpawnRequest:
+    """Everything an agent needs to start one process group (plain data: it pickles)."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)  # over the node's environment
+    cwd: str | None = None
+    # Also applied to what the leader leaves behind when it exits by itself.
+    stop_signal: str = "SIGTERM"
+    stop_timeout: float = 10.0
+    unset_env: tuple[str, ...] = ()  # inherited names to drop ("DYN_*" drops a prefix)
+    ports: tuple[int, ...] = ()  # checked free on the node before the spawn
+    tag: str = ""  # the engine's fingerprint of the spec, to adopt after a daemon restart
+    # A unit spread over several nodes runs one rank per node: ranks > 0 get
+    # these arguments too (vLLM's --headless).
+    rank_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,22 +104,11 @@ class LogRead:
 
 
 class Agent(Protocol):
-    async def spawn(
-        self,
-        name: str,
-        argv: list[str],
-        env: dict[str, str],
-        cwd: str | None,
-        stop_signal: str = "SIGTERM",
-        stop_timeout: float = 10.0,
-        unset_env: list[str] | None = None,
-        ports: list[int] | None = None,
-        tag: str = "",
-    ) -> Spawned:
+    async def spawn(self, request: SpawnRequest) -> Spawned:
         """Start a process group with the node's environment, minus unset_env, plus env.
 
-        stop_signal/stop_timeout also apply to what the leader leaves behind
-        when it exits by itself. Raises PortBusy when one of ports is taken.
+        Raises PortBusy when one of the request's ports is taken, SpawnError
+        when the program cannot be started.
         """
         ...
 

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from dynsup.agent import LocalAgent
-from dynsup.agent_api import ChunkBatch, NotRunning, Spawned, SpawnError
+from dynsup.agent_api import ChunkBatch, NotRunning, Spawned, SpawnError, SpawnRequest
 from dynsup.placement import RayHandle, namespace_for
 from dynsup.placement.actor import actor_name
 from dynsup.placement.gang import GangAgent, Rank
@@ -84,7 +84,7 @@ async def test_the_actor_speaks_the_agent_contract(ray_embedded: RayHandle, name
         assert ray.available_resources().get("CPU") == cpus  # num_cpus=0
 
         code = "print('out', flush=True)\n" + SLEEP
-        spawned = await agent.spawn("echo", list(python(code)), {}, None, tag="t1")
+        spawned = await agent.spawn(SpawnRequest("echo", python(code), tag="t1"))
         assert spawned.tag == "t1" and psutil.Process(spawned.pid).ppid() == info["pid"]
         assert [s.name for s in await agent.running()] == ["echo"]
 
@@ -102,17 +102,17 @@ async def test_the_actor_speaks_the_agent_contract(ray_embedded: RayHandle, name
         with anyio.fail_after(SETTLE):
             assert (await agent.wait_exit("echo")).signal == "SIGTERM"
         assert await agent.running() == []
-        await agent.spawn("three", list(python("raise SystemExit(3)")), {}, None)
+        await agent.spawn(SpawnRequest("three", python("raise SystemExit(3)")))
         assert (await agent.wait_exit("three")).code == 3
 
         # Errors keep their class and message across the actor boundary.
         with pytest.raises(NotRunning, match="no process named 'ghost'"):
             await agent.wait_exit("ghost")
         with pytest.raises(SpawnError, match="cannot run '/no/such/binary'"):
-            await agent.spawn("bad", ["/no/such/binary"], {}, None)
+            await agent.spawn(SpawnRequest("bad", ("/no/such/binary",)))
 
         # Shutting the agent down stops what it hosts.
-        left = psutil.Process((await agent.spawn("left", list(python(SLEEP)), {}, None)).pid)
+        left = psutil.Process((await agent.spawn(SpawnRequest("left", python(SLEEP)))).pid)
     assert await wait_gone([left], SETTLE) == []
 
 
@@ -132,7 +132,7 @@ async def test_a_pump_crosses_the_death_of_its_agent(
     ray_embedded: RayHandle, namespace: str
 ) -> None:
     async with open_agent(ray_embedded, namespace) as agent:
-        await agent.spawn("a", list(python("print('one', flush=True)\n" + SLEEP)), {}, None)
+        await agent.spawn(SpawnRequest("a", python("print('one', flush=True)\n" + SLEEP)))
         cursor = (await wait_output(agent, 0, b"one\n")).cursor
         info = await agent.info()
         orphan = psutil.Process((await agent.running())[0].pid)
@@ -145,7 +145,7 @@ async def test_a_pump_crosses_the_death_of_its_agent(
         assert await wait_gone([orphan], SETTLE) == []  # the warden took it along
 
         # The next spawn makes a new actor; the old cursor reads its log from the start.
-        await agent.spawn("a", list(python("print('two', flush=True)\n" + SLEEP)), {}, None)
+        await agent.spawn(SpawnRequest("a", python("print('two', flush=True)\n" + SLEEP)))
         assert (await agent.info())["pid"] != info["pid"]
         await wait_output(agent, cursor, b"two\n")
 
@@ -185,16 +185,22 @@ async def first_line(agent: LocalAgent, name: str) -> str:
 
 
 async def test_a_gang_tells_each_rank_its_place_and_dies_as_one() -> None:
-    argv = [*python(RANK), "--rank={rank}/{ranks}", "--master={rank0_addr}", "{other}"]
+    argv = (*python(RANK), "--rank={rank}/{ranks}", "--master={rank0_addr}", "{other}")
     async with open_gang() as (gang, agents):
-        spawned = await gang.spawn("tp", argv, {}, None, "SIGTERM", 5.0, tag="fp")
+        spawned = await gang.spawn(
+            SpawnRequest("tp", argv, stop_timeout=5.0, tag="fp", rank_args=("--headless",))
+        )
         ranks = await gang.running()
         assert [r.name for r in ranks] == ["tp", "tp-r1", "tp-r2"]
         assert spawned == ranks[0] and {r.tag for r in ranks} == {"fp"}
         for k, rank in enumerate(ranks):
             line = await first_line(agents[k], rank.name)
             devices = f"{k * 2},{k * 2 + 1}"
-            assert line == f"{k} 3 10.0.0.0 {devices} --rank={k}/3 --master=10.0.0.0 {{other}}"
+            # Ranks > 0 get the request's rank_args (vLLM's --headless), rank 0 not.
+            extra = " --headless" if k > 0 else ""
+            assert (
+                line == f"{k} 3 10.0.0.0 {devices} --rank={k}/3 --master=10.0.0.0 {{other}}{extra}"
+            )
 
         # Rank 2 dies: wait_exit reports it once every other rank is stopped too.
         os.kill(ranks[2].pid, signal.SIGKILL)
@@ -206,7 +212,7 @@ async def test_a_gang_tells_each_rank_its_place_and_dies_as_one() -> None:
         assert await gang.running() == []
 
         # The restart runs the whole set again; stop takes every rank down.
-        again = await gang.spawn("tp", argv, {}, None, "SIGTERM", 5.0)
+        again = await gang.spawn(SpawnRequest("tp", argv, stop_timeout=5.0))
         assert len(await gang.running()) == 3
         stopped = await gang.stop("tp", "SIGTERM", 5.0)
         assert stopped is not None and stopped.signal == "SIGTERM"
@@ -233,9 +239,9 @@ async def test_stop_takes_the_ranks_down_before_rank_0() -> None:
         time.sleep(60)
     """
     async with open_gang(ranks=2) as (gang, agents):
-        rank1 = await agents[1].spawn("tp-r1", list(python(SLEEP)), {}, None)
+        rank1 = await agents[1].spawn(SpawnRequest("tp-r1", python(SLEEP)))
         env = {"OTHERS": str(rank1.pid)}
-        await agents[0].spawn("tp", list(python(code)), env, None)
+        await agents[0].spawn(SpawnRequest("tp", python(code), env))
         assert await first_line(agents[0], "tp") == "up"
         await gang.stop("tp", "SIGTERM", 5.0)
         read = await agents[0].read_log("tp", "stdout", 0, 1000)
@@ -243,8 +249,8 @@ async def test_stop_takes_the_ranks_down_before_rank_0() -> None:
 
 
 class Unstartable(LocalAgent):
-    async def spawn(self, name: str, *args: Any, **kwargs: Any) -> Spawned:
-        raise SpawnError(f"{name}: cannot run it here")
+    async def spawn(self, request: SpawnRequest) -> Spawned:
+        raise SpawnError(f"{request.name}: cannot run it here")
 
 
 async def test_a_half_started_gang_is_stopped() -> None:
@@ -252,7 +258,7 @@ async def test_a_half_started_gang_is_stopped() -> None:
         gang = GangAgent("tp", [Rank(rank0, {}, "10.0.0.0"), Rank(rank1, {}, "10.0.0.1")])
         # Rank 1 starts first; rank 0 cannot start, so rank 1 must not run on.
         with pytest.raises(SpawnError, match="tp: cannot run it here"):
-            await gang.spawn("tp", list(python(SLEEP)), {}, None)
+            await gang.spawn(SpawnRequest("tp", python(SLEEP)))
         assert await rank1.running() == []
         assert (await rank1.wait_exit("tp-r1")).signal == "SIGTERM"  # started, then stopped
 

@@ -23,7 +23,7 @@ import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..agent_api import Agent, AgentError, ExitStatus, PortBusy, Spawned, SpawnError
+from ..agent_api import Agent, AgentError, ExitStatus, PortBusy, Spawned, SpawnError, SpawnRequest
 from ..probes import wait_ready
 from ..units.spec import ProbeKind, ServiceSpec
 from .output import LineSubscription, OutputHub
@@ -363,17 +363,7 @@ class Engine:
     async def _spawn(self, unit: _Unit) -> Spawned:
         spec = unit.spec
         assert unit.placement is not None
-        spawned = await unit.placement.agent.spawn(
-            spec.name,
-            list(spec.command),
-            {**spec.env, **unit.placement.env},
-            spec.working_directory,
-            spec.stop_signal.name,
-            spec.stop_timeout,
-            unset_env=list(spec.unset_env),
-            ports=list(spec.ports),
-            tag=fingerprint(spec),
-        )
+        spawned = await unit.placement.agent.spawn(spawn_request(spec, unit.placement))
         unit.pid, unit.node, unit.started_at = spawned.pid, spawned.node, time.time()
         unit.process_alive = True
         self._set_state(unit, State.STARTING, reason="spawned")
@@ -597,6 +587,22 @@ class Engine:
             return self._units[name]
         except KeyError:
             raise UnknownUnit(name) from None
+
+
+def spawn_request(spec: ServiceSpec, placement: Placement) -> SpawnRequest:
+    """What the agent is asked to run for spec at its placement."""
+    return SpawnRequest(
+        name=spec.name,
+        argv=spec.command,
+        env={**spec.env, **placement.env},
+        cwd=spec.working_directory,
+        stop_signal=spec.stop_signal.name,
+        stop_timeout=spec.stop_timeout,
+        unset_env=spec.unset_env,
+        ports=spec.ports,
+        tag=fingerprint(spec),
+        rank_args=spec.secondary_args,
+    )
 
 
 def _is_log_probe(spec: ServiceSpec) -> bool:

@@ -29,7 +29,7 @@ import uuid
 from typing import Any
 
 from ..agent import LocalAgent
-from ..agent_api import AgentError, SpawnError
+from ..agent_api import AgentError
 from ..warden import MARK_VAR, Warden, kill_marked
 
 ACTOR_PREFIX = "dynsup-agent-"
@@ -85,8 +85,6 @@ class AgentActor:
             return await agent.spawn(*args, **kwargs)
         except AgentError as exc:
             return exc
-        except RuntimeError as exc:  # "already running": a start that cannot happen
-            return SpawnError(str(exc))
 
     async def wait_exit(self, name: str) -> Any:
         return await self._call("wait_exit", name)

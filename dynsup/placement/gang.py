@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 
@@ -32,6 +32,7 @@ from ..agent_api import (
     LogRead,
     NotRunning,
     Spawned,
+    SpawnRequest,
 )
 
 RANK_VAR = "DYNSUP_RANK"
@@ -94,20 +95,10 @@ class GangAgent:
 
     # -- the Agent contract --------------------------------------------------
 
-    async def spawn(
-        self,
-        name: str,
-        argv: list[str],
-        env: dict[str, str],
-        cwd: str | None,
-        stop_signal: str = "SIGTERM",
-        stop_timeout: float = 10.0,
-        unset_env: list[str] | None = None,
-        ports: list[int] | None = None,
-        tag: str = "",
-    ) -> Spawned:
+    async def spawn(self, request: SpawnRequest) -> Spawned:
+        name = request.name
         self._check(name)
-        self._stop_signal, self._stop_timeout = stop_signal, stop_timeout
+        self._stop_signal, self._stop_timeout = request.stop_signal, request.stop_timeout
         started: dict[int, Spawned] = {}
         try:
             # Rank 0 last: its output is the unit's, and the engine subscribes
@@ -116,16 +107,16 @@ class GangAgent:
             # (torch.distributed's rendezvous at rank0_addr retries).
             for k in [*range(1, len(self.ranks)), 0]:
                 rank = self.ranks[k]
+                argv = self.rank_argv(request.argv, k)
+                if k > 0:
+                    argv += request.rank_args
                 started[k] = await rank.agent.spawn(
-                    rank_name(name, k),
-                    self.rank_argv(argv, k),
-                    {**env, **self.rank_env(k)},
-                    cwd,
-                    stop_signal,
-                    stop_timeout,
-                    unset_env=unset_env,
-                    ports=ports,
-                    tag=tag,
+                    replace(
+                        request,
+                        name=rank_name(name, k),
+                        argv=tuple(argv),
+                        env={**request.env, **self.rank_env(k)},
+                    )
                 )
         except BaseException:
             # A half-started gang never serves: nothing of it may run on.

@@ -34,7 +34,15 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from ..agent_api import AgentError, ChunkBatch, ExitStatus, LogRead, Spawned, SpawnError
+from ..agent_api import (
+    AgentError,
+    ChunkBatch,
+    ExitStatus,
+    LogRead,
+    Spawned,
+    SpawnError,
+    SpawnRequest,
+)
 from .actor import ACTOR_PREFIX, MAX_CONCURRENCY, actor_class, actor_name
 
 T = TypeVar("T")
@@ -126,22 +134,10 @@ class RemoteAgent:
 
     # -- the Agent contract --------------------------------------------------
 
-    async def spawn(
-        self,
-        name: str,
-        argv: list[str],
-        env: dict[str, str],
-        cwd: str | None,
-        stop_signal: str = "SIGTERM",
-        stop_timeout: float = 10.0,
-        unset_env: list[str] | None = None,
-        ports: list[int] | None = None,
-        tag: str = "",
-    ) -> Spawned:
-        args = (name, argv, env, cwd, stop_signal, stop_timeout, unset_env, ports, tag)
+    async def spawn(self, request: SpawnRequest) -> Spawned:
         self._spawning += 1
         try:
-            return await self._spawn(name, args)
+            return await self._spawn(request)
         finally:
             # Synchronous with the return: a held-back pump runs only once the
             # caller yields, after it has subscribed to the new process.
@@ -149,12 +145,13 @@ class RemoteAgent:
             done, self._spawn_done = self._spawn_done, anyio.Event()
             done.set()
 
-    async def _spawn(self, name: str, args: tuple[Any, ...]) -> Spawned:
+    async def _spawn(self, request: SpawnRequest) -> Spawned:
+        name = request.name
         # Once more on a fresh actor: the engine restarting a unit whose
         # agent died is exactly this case.
         for attempt in range(2):
             try:
-                return await self._call("spawn", *args, create=True)
+                return await self._call("spawn", request, create=True)
             except AgentLost as exc:
                 if attempt == 1:
                     raise SpawnError(f"{name}: {exc}") from exc

@@ -35,7 +35,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from ..agent_api import Agent, AgentError, ChunkBatch, ExitStatus, LogRead, Spawned
+from ..agent_api import Agent, AgentError, ChunkBatch, ExitStatus, LogRead, Spawned, SpawnRequest
 from ..engine.placement import Placement
 from ..engine.reload import fingerprint
 from ..units.spec import ServiceSpec
@@ -280,8 +280,8 @@ class UnitRouter:
         self._placer = placer
         self._pool = pool
 
-    async def spawn(self, name: str, *args: Any, **kwargs: Any) -> Spawned:
-        return await self._placer.agent_of(name).spawn(name, *args, **kwargs)
+    async def spawn(self, request: SpawnRequest) -> Spawned:
+        return await self._placer.agent_of(request.name).spawn(request)
 
     async def wait_exit(self, name: str) -> ExitStatus:
         return await self._placer.agent_of(name).wait_exit(name)
