@@ -84,8 +84,9 @@ class _Hosted:
     stop_signal: str
     stop_timeout: float
     tag: str
-    done: anyio.Event = field(default_factory=anyio.Event)
-    status: ExitStatus | None = None
+    leader_gone: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)  # the leader and its group are gone
+    status: ExitStatus | None = None  # the leader's, set once it exited
 
 
 class LocalAgent:
@@ -159,6 +160,12 @@ class LocalAgent:
             tag=hosted.tag,
         )
 
+    async def wait_leader_exit(self, name: str) -> ExitStatus:
+        hosted = self._get(name)
+        await hosted.leader_gone.wait()
+        assert hosted.status is not None
+        return hosted.status
+
     async def wait_exit(self, name: str) -> ExitStatus:
         hosted = self._get(name)
         await hosted.done.wait()
@@ -206,11 +213,12 @@ class LocalAgent:
     async def _watch(self, hosted: _Hosted) -> None:
         group = hosted.group
         status = await group.watch_leader()
+        hosted.status = status
+        hosted.leader_gone.set()
         # What the leader left behind (an EngineCore holding GPU memory, say)
         # must be gone before anyone hears of the exit and restarts the unit.
         with anyio.CancelScope(shield=True):
             await group.terminate(signal_by_name(hosted.stop_signal), hosted.stop_timeout)
-        hosted.status = status
         hosted.done.set()
         log.debug("process.exited", unit=group.name, pid=group.pid, status=status.describe())
 

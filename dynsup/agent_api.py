@@ -25,6 +25,11 @@ class PortBusy(SpawnError):
     """A port the program needs is in use on its node: a failed start, retried by policy."""
 
 
+class StopFailed(AgentError):
+    """Processes of the group survived SIGKILL (uninterruptible sleep, say): the unit
+    cannot be declared stopped, and what it holds (ports, GPUs) cannot be reused."""
+
+
 class NotRunning(AgentError):
     """No process of that name is hosted here."""
 
@@ -110,6 +115,11 @@ class Agent(Protocol):
         Raises PortBusy when one of the request's ports is taken, SpawnError
         when the program cannot be started.
         """
+        ...
+
+    async def wait_leader_exit(self, name: str) -> ExitStatus:
+        """Wait until the leader exits and return its status; the rest of its group
+        may still be going away (``wait_exit`` waits for that too)."""
         ...
 
     async def wait_exit(self, name: str) -> ExitStatus:

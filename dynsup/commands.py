@@ -2,6 +2,12 @@
 
 Each public coroutine is a control-socket handler. Validation errors become
 `CommandError`s with a protocol code; nothing here can take the daemon down.
+
+Write verbs (start, stop, restart, update, scale, ...) are applied one at a
+time, under one lock: two `update`s at once run one after the other. Read
+verbs never take it. A start's wait for RUNNING happens after the lock is
+released, so a slow start never holds up the next command. Reading the unit
+directories (file parsing) runs in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
+import anyio.to_thread
 
 from . import __version__
 from .agent_api import Agent, AgentError
+from .broadcast import Feed
 from .control.protocol import (
     BAD_ARGUMENTS,
     BAD_CONFIG,
@@ -30,7 +37,7 @@ from .control.server import Stream
 from .engine import Engine, OutputHub, ReloadPlan, State, UnitStatus, UnknownUnit
 from .engine.output import ChunkFollower
 from .engine.states import SETTLED_STATES
-from .process import signal_by_name
+from .signals import parse_signal
 from .statefile import DesiredState
 from .units import UnitErrors
 from .units.spec import ServiceSpec
@@ -98,6 +105,7 @@ class Commands:
         self._models = models or (lambda: {})
         self._gpu_table = gpu_table
         self._shutting_down = False
+        self._writing = anyio.Lock()  # write verbs, one at a time
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         return {
@@ -167,8 +175,8 @@ class Commands:
 
     async def avail(self, args: dict[str, Any]) -> dict[str, Any]:
         try:
-            specs = dict(self._reread())
-        except UnitErrors:
+            specs = dict(await self._read_specs())
+        except CommandError:
             specs = {}
         loaded = self._engine.specs
         names = sorted(set(specs) | set(loaded))
@@ -247,62 +255,71 @@ class Commands:
     async def _start(self, args: dict[str, Any], *, restart: bool) -> dict[str, Any] | Stream:
         names = self._select(args, empty_means_all=False)
         wait = arg(args, "wait", bool, True)
-        self._check_running()
-        for name in names:
-            self._remember(name, True)
-        followers: list[str] = []
-        if restart:
+        async with self._writing:
+            self._check_running()
+            for name in names:
+                self._remember(name, True)
+            followers: list[str] = []
+            if restart:
 
-            async def stop_one(name: str) -> None:
-                followers.extend(await self._engine.stop_for_restart(name))
+                async def stop_one(name: str) -> None:
+                    followers.extend(await self._engine.stop_for_restart(name))
 
-            async with anyio.create_task_group() as tg:
-                for name in names:
-                    tg.start_soon(stop_one, name)
-        # Subscribe before starting, so no transition is missed by the watcher.
-        changes = self._engine.subscribe()
-        for name in [*names, *followers]:
-            self._engine.start_nowait(name)
+                async with anyio.create_task_group() as tg:
+                    for name in names:
+                        tg.start_soon(stop_one, name)
+            # Subscribe before starting, so no transition is missed by the watcher.
+            changes = self._engine.subscribe()
+            for name in [*names, *followers]:
+                self._engine.start_nowait(name)
+            # The present, with no await since the subscription: the watcher
+            # starts from it and follows changes (a resync if it falls behind).
+            pending = {s.name for s in self._engine.statistics(names) if not _settled(s)}
         if not wait:
             changes.close()
             return await self._units(names)
-        return Stream(self._watch_start(changes, names), final=lambda: self._units(names))
+        return Stream(self._watch_start(changes, pending), final=lambda: self._units(names))
 
     async def _watch_start(
-        self, changes: MemoryObjectReceiveStream[UnitStatus], names: list[str]
+        self, changes: Feed[UnitStatus], pending: set[str]
     ) -> AsyncIterator[dict[str, Any]]:
         """Progress snapshots while the units start, until each has settled."""
         with changes:
-            pending = {s.name for s in self._engine.statistics(names) if not _settled(s)}
+            watched = set(pending)
             if not pending:
-                return  # already running: nothing to watch
+                return  # already settled: nothing to watch
             async for snap in changes:
-                if snap.name not in names:
+                if snap.name not in watched:
                     continue
                 yield await self._info(snap.name)
                 if _settled(snap):
                     pending.discard(snap.name)
-                if not pending:
-                    return
+                    if not pending:
+                        return
 
     async def _units(self, names: list[str]) -> dict[str, Any]:
         return {"units": [await self._info(name) for name in names]}
 
     async def stop(self, args: dict[str, Any]) -> dict[str, Any]:
         names = self._select(args, empty_means_all=False)
-        for name in names:
-            self._remember(name, False)
-        async with anyio.create_task_group() as tg:
+        async with self._writing:
             for name in names:
-                tg.start_soon(self._engine.stop, name)
+                self._remember(name, False)
+            selected = set(names)
+            if selected == set(self._engine.names()):
+                await self._engine.stop_all()
+            else:
+                async with anyio.create_task_group() as tg:
+                    for name in names:
+                        tg.start_soon(self._engine.stop, name)
         return await self._units(names)
 
     async def signal(self, args: dict[str, Any]) -> dict[str, Any]:
         names = self._select(args, empty_means_all=False)
         sig = args.get("signal")
         try:
-            signum = signal_by_name(sig)  # type: ignore[arg-type]
-        except (KeyError, ValueError, AttributeError, TypeError):
+            signum = parse_signal(sig)  # type: ignore[arg-type]
+        except ValueError:
             raise CommandError(BAD_ARGUMENTS, f"not a signal: {sig!r}") from None
         signalled, not_running = [], []
         for name in names:
@@ -314,13 +331,31 @@ class Commands:
         return {"signalled": signalled, "not_running": not_running}
 
     async def reread(self, args: dict[str, Any]) -> dict[str, Any]:
-        return plan_result(self._engine.plan(self._read_specs()))
+        return plan_result(self._engine.plan(await self._read_specs()))
 
     async def update(self, args: dict[str, Any]) -> dict[str, Any]:
         dry_run = arg(args, "dry_run", bool, False)
         wanted = names_arg(args)
-        new_specs = dict(self._read_specs())
+        if dry_run:
+            return {
+                **plan_result(self._engine.plan(await self._update_specs(wanted))),
+                "applied": False,
+            }
+        async with self._writing:
+            self._check_running()
+            new_specs = await self._update_specs(wanted)
+            plan = await self._engine.apply(new_specs)
+            self._desired.forget_except(set(new_specs))
+        return {**plan_result(plan), "applied": True}
+
+    async def _update_specs(self, wanted: list[str]) -> dict[str, ServiceSpec]:
+        """The specs an update applies: the whole directory, validated as a whole;
+        with names, only those move (each must be a unit loaded or in the files)."""
+        new_specs = dict(await self._read_specs())
         if wanted:
+            unknown = [n for n in wanted if n not in new_specs and n not in self._engine.specs]
+            if unknown:
+                raise CommandError(BAD_NAME, f"no such unit: {', '.join(unknown)}", details=unknown)
             # Only the named units move; the others keep their current spec.
             current = self._engine.specs
             for name in set(current) | set(new_specs):
@@ -329,12 +364,7 @@ class Commands:
                         new_specs[name] = current[name]
                     else:
                         new_specs.pop(name, None)
-        if dry_run:
-            return {**plan_result(self._engine.plan(new_specs)), "applied": False}
-        self._check_running()
-        plan = await self._engine.apply(new_specs)
-        self._desired.forget_except(set(new_specs))
-        return {**plan_result(plan), "applied": True}
+        return new_specs
 
     async def scale(self, args: dict[str, Any]) -> dict[str, Any]:
         """`scale MODEL[:ROLE] N`: add or remove replicas, touching no other unit."""
@@ -355,16 +385,17 @@ class Commands:
             )
         if not disaggregated and role:
             raise CommandError(BAD_ARGUMENTS, f"{model} is aggregated: scale {model} N")
-        self._check_running()
-        replicas = {**self._desired.replicas, target: count}
-        new_specs = dict(self._read_specs(replicas=replicas))
-        prefix = f"{model}-{role}-" if role else f"{model}-"
-        current = self._engine.specs
-        # Only this pool's workers move: every other unit keeps its running spec.
-        merged = {n: s for n, s in current.items() if not _worker_of(n, prefix)}
-        merged.update({n: s for n, s in new_specs.items() if _worker_of(n, prefix)})
-        plan = await self._engine.apply(merged)
-        self._desired.set_replicas(target, count)
+        async with self._writing:
+            self._check_running()
+            replicas = {**self._desired.replicas, target: count}
+            new_specs = dict(await self._read_specs(replicas=replicas))
+            prefix = f"{model}-{role}-" if role else f"{model}-"
+            current = self._engine.specs
+            # Only this pool's workers move: every other unit keeps its running spec.
+            merged = {n: s for n, s in current.items() if not _worker_of(n, prefix)}
+            merged.update({n: s for n, s in new_specs.items() if _worker_of(n, prefix)})
+            plan = await self._engine.apply(merged)
+            self._desired.set_replicas(target, count)
         return {**plan_result(plan), "applied": True, "replicas": count}
 
     async def gpus(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -372,9 +403,11 @@ class Commands:
             return {"ray": False, "gpus": []}
         return {"ray": True, "gpus": await self._gpu_table()}
 
-    def _read_specs(self, **overrides: Any) -> Mapping[str, ServiceSpec]:
+    async def _read_specs(self, **overrides: Any) -> Mapping[str, ServiceSpec]:
+        """The unit directories read again, in a worker thread (a 5 MB directory
+        must not stall the other clients)."""
         try:
-            return self._reread(**overrides)
+            return await anyio.to_thread.run_sync(lambda: self._reread(**overrides))
         except UnitErrors as exc:
             errors = [str(e) for e in exc.errors]
             raise CommandError(

@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,12 @@ from .backends import Backend, OverCommitted, open_local, open_ray_backend, ray_
 from .commands import Commands
 from .config import ConfigError, DaemonConfig, RayConfig, load_config
 from .control.paths import socket_path
+from .control.protocol import CommandError
 from .control.server import AccessPolicy, AlreadyRunning, ControlServer
 from .dynamo import StackContext, expand_stack
 from .dynamo.withdraw import withdraw_dead, withdraw_leftovers
 from .engine import Engine, OutputHub, State
+from .engine.states import UP_OR_GAVE_UP
 from .logs import (
     JOURNAL_SOCKET,
     JournalSender,
@@ -57,7 +59,11 @@ log = structlog.get_logger("dynsup.daemon")
 EXIT_OK = 0
 EXIT_ALREADY_RUNNING = 1
 EXIT_BAD_CONFIG = 2
-SETTLED = frozenset({State.RUNNING, State.EXITED, State.FATAL})
+# Logged and otherwise ignored: never the default action, which would end the
+# daemon and orphan every unit.
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
+# A background task that failed is restarted after this long (and logged).
+_TASK_RESTART_DELAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,8 @@ async def report_to_systemd(engine: Engine, notifier: Notifier, wanted: set[str]
         while True:
             snaps = engine.statistics()
             line = summary(engine)
-            if not ready_sent and all(s.state in SETTLED for s in snaps if s.name in wanted):
+            settled = all(s.state in UP_OR_GAVE_UP for s in snaps if s.name in wanted)
+            if not ready_sent and settled:
                 notifier.ready(line)
                 log.info("daemon.ready", status=line)
                 ready_sent = True
@@ -206,6 +213,21 @@ async def report_to_systemd(engine: Engine, notifier: Notifier, wanted: set[str]
                     changes.receive_nowait()
                 except anyio.WouldBlock:
                     break
+
+
+async def keep_running(name: str, task: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """Run a background task of the daemon; if it fails, log why and run it again.
+
+    The daemon's own helpers (output pump, systemd reports, journal flush)
+    are failure boundaries too: a bug in one never takes the daemon down.
+    """
+    while True:
+        try:
+            await task(*args)
+            return
+        except Exception as exc:
+            log.exception("daemon.task_failed", task=name, error=f"{type(exc).__name__}: {exc}")
+        await anyio.sleep(_TASK_RESTART_DELAY)
 
 
 async def flush_journal_on_exit(engine: Engine, journal: UnitOutputForwarder) -> None:
@@ -308,15 +330,15 @@ class Daemon:
             )
             server.handlers.update(commands.handlers())
             await tg.start(server.serve)
-            tg.start_soon(backend.pump, output_consumer(hub, journal))
+            tg.start_soon(keep_running, "pump", backend.pump, output_consumer(hub, journal))
             if journal is not None:
-                tg.start_soon(flush_journal_on_exit, engine, journal)
-            tg.start_soon(notifier.run_watchdog)
+                tg.start_soon(keep_running, "journal_flush", flush_journal_on_exit, engine, journal)
+            tg.start_soon(keep_running, "watchdog", notifier.run_watchdog)
             wanted = {n for n, spec in self.specs.items() if desired.wants(n, spec.autostart)}
-            tg.start_soon(report_to_systemd, engine, notifier, wanted)
+            tg.start_soon(keep_running, "systemd", report_to_systemd, engine, notifier, wanted)
             # Signals are caught before the first spawn: a SIGTERM from now on is
             # an orderly stop, never the default action that would orphan children.
-            await tg.start(self._watch_signals)
+            await tg.start(self._watch_signals, commands)
             log.info("daemon.started", units=len(self.specs), pid=os.getpid(), socket=server.path)
             if backend.adopt is not None:
                 await backend.adopt(engine, self.specs, wanted)
@@ -339,13 +361,42 @@ class Daemon:
         self.shutdown_requested.set()
 
     async def _watch_signals(
-        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self, commands: Commands, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            task_status.started()
-            async for signum in signals:
-                log.info("daemon.stopping", signal=signal.Signals(signum).name)
-                self.shutdown_requested.set()
+        """SIGTERM/SIGINT: orderly stop. SIGHUP: `update`. SIGUSR1/2, SIGQUIT: logged."""
+        watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *IGNORED_SIGNALS)
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(*watched) as signals:
+                task_status.started()
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum in (signal.SIGTERM, signal.SIGINT):
+                        log.info("daemon.stopping", signal=name)
+                        self.shutdown_requested.set()
+                    elif signum == signal.SIGHUP:
+                        tg.start_soon(self._update_on_sighup, commands)
+                    else:
+                        log.info("daemon.signal_ignored", signal=name)
+
+    @staticmethod
+    async def _update_on_sighup(commands: Commands) -> None:
+        """SIGHUP is `dynsupctl update` (reread and apply), as for most daemons."""
+        log.info("daemon.reload", signal="SIGHUP")
+        try:
+            result = await commands.update({})
+        except CommandError as exc:
+            log.error(
+                "daemon.reload_refused", code=exc.code, error=exc.message, details=exc.details
+            )
+        except Exception as exc:
+            log.exception("daemon.reload_failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            log.info(
+                "daemon.reloaded",
+                added=result["added"],
+                changed=sorted(result["changed"]),
+                removed=result["removed"],
+            )
 
 
 def fixed_mmap_threshold() -> None:
@@ -363,7 +414,18 @@ def fixed_mmap_threshold() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
+def survive_signals_until_watched() -> None:
+    """Until the event loop watches them, SIGHUP and the ignored signals do nothing.
+
+    A Python handler, not SIG_IGN: an ignored disposition would be inherited
+    by every unit across exec, a handler is reset there.
+    """
+    for signum in (signal.SIGHUP, *IGNORED_SIGNALS):
+        signal.signal(signum, lambda *_: None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    survive_signals_until_watched()
     fixed_mmap_threshold()
     args = parse_args(argv)
     try:

@@ -37,6 +37,7 @@ import anyio
 import psutil
 
 from .agent_api import ExitStatus, SpawnError
+from .signals import parse_signal
 
 TOKEN_VAR = "DYNSUP_TOKEN"
 _PR_SET_CHILD_SUBREAPER = 36
@@ -57,10 +58,7 @@ def become_subreaper() -> bool:
 
 
 def signal_by_name(name: str | int) -> signal.Signals:
-    if isinstance(name, int):
-        return signal.Signals(name)
-    upper = name.upper()
-    return signal.Signals[upper if upper.startswith("SIG") else "SIG" + upper]
+    return parse_signal(name)
 
 
 def exit_status_from_wait(status: int) -> ExitStatus:

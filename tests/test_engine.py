@@ -273,10 +273,10 @@ async def test_after_exit_runs_before_the_restart_and_after_a_stop() -> None:
             await engine.wait_state("crashy", lambda s: s.restarts >= 2)
         crashes = list(seen)  # (the stop below may add one more, in STOPPING)
         await engine.stop("crashy")
-        # Once per exit, with the process gone (no pid) and the run not yet
-        # judged: still RUNNING, never BACKOFF or a new STARTING.
+        # Once per exit, as soon as the leader is gone (no pid) and before the run
+        # is judged: STOPPING (tearing down the group), never BACKOFF or a new STARTING.
         assert len(crashes) >= 2
-        assert [(state, pid) for _, state, pid, _ in crashes] == [(State.RUNNING, None)] * len(
+        assert [(state, pid) for _, state, pid, _ in crashes] == [(State.STOPPING, None)] * len(
             crashes
         )
         assert [restarts for *_, restarts in crashes] == list(range(len(crashes)))

@@ -1,11 +1,14 @@
 """The engine: desired versus actual state, one task per unit.
 
 Each wanted unit has one lifecycle task in the engine's task group that
-reads top to bottom: wait for requirements, spawn, wait ready (or exit),
-wait exit, decide, back off, again. Stopping a unit is cancelling that
-task's scope; the task's shielded `finally` stops the process group.
-Every state change goes through `_set_state`, which checks the transition
-table, logs one event and publishes a snapshot.
+reads top to bottom: wait for requirements, place, then spawn, wait ready
+(or exit), wait for the leader's exit (shown at once: STOPPING), wait for
+its group to be gone, decide (`policy.decide`), back off, again. Stopping a
+unit is cancelling that task's scope; the task's shielded `finally` stops
+the process group. The task is the unit's failure boundary: an unexpected
+error ends that unit FATAL, never the engine. Every state change goes
+through `_set_state`, which checks the transition table, logs one event
+and publishes a snapshot to every `Feed`.
 
 The engine knows nothing of Ray, Dynamo or sockets: processes are run by
 an `Agent`, unit output for log probes comes from an `OutputHub`.
@@ -21,14 +24,23 @@ from types import TracebackType
 import anyio
 import structlog
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..agent_api import Agent, AgentError, ExitStatus, PortBusy, Spawned, SpawnError, SpawnRequest
+from ..agent_api import (
+    Agent,
+    AgentError,
+    ExitStatus,
+    PortBusy,
+    Spawned,
+    SpawnError,
+    SpawnRequest,
+    StopFailed,
+)
+from ..broadcast import Feed, Pulse
 from ..probes import wait_ready
 from ..units.spec import ProbeKind, ServiceSpec
 from .output import LineSubscription, OutputHub
 from .placement import Placement, PlacementFailed, Placer, SingleAgent
-from .policy import StartLimiter, backoff_delay, healthy_after, should_restart
+from .policy import Done, GiveUp, History, decide
 from .reload import ReloadPlan, diff_specs, fingerprint
 from .states import State, check_transition
 
@@ -61,6 +73,10 @@ class UnitStatus:
     gpus: tuple[str, ...] = ()
 
 
+class RequirementFailed(Exception):
+    """A unit's requirement ended for good: the unit cannot start (until it comes back)."""
+
+
 @dataclass
 class _Unit:
     spec: ServiceSpec
@@ -73,12 +89,17 @@ class _Unit:
     exit_status: str | None = None
     reason: str = ""
     restarts: int = 0
-    changed: anyio.Event = field(default_factory=anyio.Event)
+    changed: Pulse = field(default_factory=Pulse)
     scope: anyio.CancelScope | None = None
     finished: anyio.Event | None = None
-    process_alive: bool = False
+    process_alive: bool = False  # the leader runs
+    group_alive: bool = False  # something of the last spawn may still run
     placement: Placement | None = None
     detaching: bool = False  # leave the process running for the next daemon
+    # Settled because a requirement failed: started again when it is RUNNING again.
+    blocked: bool = False
+    # Why the lifecycle must end FATAL once torn down (a bug, say): the last word.
+    failure: str | None = None
 
     @property
     def active(self) -> bool:
@@ -102,7 +123,7 @@ class Engine:
         placer: Placer | None = None,
         after_exit: AfterExit | None = None,
     ) -> None:
-        """``after_exit`` runs once a unit's process is gone by itself or by a stop
+        """``after_exit`` runs once a unit's leader is gone by itself or by a stop
         (not a detach), before any restart: clean-up only the supervisor can do
         for a process that died without doing it (Dynamo's discovery records)."""
         if placer is None:
@@ -114,7 +135,7 @@ class Engine:
         self._output = output or OutputHub()
         self._units: dict[str, _Unit] = {}
         self._tg: TaskGroup | None = None
-        self._subscribers: list[MemoryObjectSendStream[UnitStatus]] = []
+        self._feeds: list[Feed[UnitStatus]] = []
 
     async def __aenter__(self) -> Engine:
         self._tg = anyio.create_task_group()
@@ -153,12 +174,13 @@ class Engine:
         selected = list(self._units) if names is None else list(names)
         return [self._snapshot(self._get(name)) for name in selected]
 
-    def subscribe(self, buffer: int = 1024) -> MemoryObjectReceiveStream[UnitStatus]:
-        """Every state change from now on. A subscriber that falls behind loses events,
-        never the engine's time: it can re-read statistics()."""
-        send, receive = anyio.create_memory_object_stream[UnitStatus](buffer)
-        self._subscribers.append(send)
-        return receive
+    def subscribe(self, buffer: int = 1024) -> Feed[UnitStatus]:
+        """Every state change from now on, in order. Take `statistics()` first (no
+        await in between) for the present; a subscriber that falls behind is
+        given the present again (every unit's snapshot), never a stale picture."""
+        feed = Feed(self.statistics, buffer, self._feeds.remove)
+        self._feeds.append(feed)
+        return feed
 
     async def wait_state(self, name: str, predicate: Callable[[UnitStatus], bool]) -> UnitStatus:
         """Wait until the unit's snapshot satisfies predicate."""
@@ -233,6 +255,7 @@ class Engine:
         """Stop removed and changed units, then start added and changed ones.
 
         Unchanged units are not touched, not even their dependents' pids.
+        The caller applies one change at a time (the control's write lock).
         """
         plan = self.plan(new_specs)
         was_wanted = {name for name, unit in self._units.items() if unit.wanted}
@@ -258,8 +281,14 @@ class Engine:
             return
         assert self._tg is not None, "engine used outside its context"
         unit.wanted = True
+        unit.blocked = False
+        if unit.state is State.STOPPING:
+            # The last run's processes survived SIGKILL: nothing may start over them.
+            self._set_state(unit, State.FATAL, reason=f"cannot start: {unit.reason}")
+            return
         # PENDING at once, so a caller that waits for the start never sees the old state.
         self._set_state(unit, State.PENDING, reason="start requested")
+        unit.failure = None
         unit.scope = anyio.CancelScope()
         unit.finished = anyio.Event()
         self._tg.start_soon(self._lifecycle, unit, unit.scope, unit.finished, adopted)
@@ -271,53 +300,54 @@ class Engine:
         finished: anyio.Event,
         adopted: tuple[Placement, Spawned] | None,
     ) -> None:
-        name = unit.spec.name
+        """The unit is the failure boundary: whatever goes wrong in here ends this
+        unit (FATAL, with the reason and a traceback in the log), never the engine."""
         # The task copied its starter's context (a control request's peer, say):
         # the unit's own events carry only the unit.
         structlog.contextvars.clear_contextvars()
-        try:
-            with structlog.contextvars.bound_contextvars(unit=name), scope:
-                await self._run(unit, adopted)
-        finally:
+        with structlog.contextvars.bound_contextvars(unit=unit.spec.name):
             try:
-                with anyio.CancelScope(shield=True):
-                    await self._teardown(unit)
+                with scope:
+                    await self._run(unit, adopted)
+            except Exception as exc:
+                log.exception("unit.crashed", error=_describe(exc))
+                unit.failure = f"internal error: {_describe(exc)}"
             finally:
-                # Set even if teardown hit a bug, so stop_all never waits forever.
-                finished.set()
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await self._teardown(unit)
+                except Exception as exc:
+                    log.exception("unit.teardown_crashed", error=_describe(exc))
+                    self._set_state(
+                        unit, State.FATAL, reason=f"teardown failed: {_describe(exc)}", force=True
+                    )
+                finally:
+                    # Set whatever happened, so stop_all never waits forever.
+                    finished.set()
 
     async def _run(self, unit: _Unit, adopted: tuple[Placement, Spawned] | None) -> None:
+        """Wait for requirements, place, then: start, supervise, decide, back off, again."""
         spec = unit.spec
         if adopted is None:
-            await self._wait_requirements(unit)
             try:
+                await self._wait_requirements(unit)
                 unit.placement = await self._placer.place(spec)
+            except RequirementFailed as exc:
+                unit.blocked = True
+                self._set_state(unit, State.FATAL, reason=str(exc))
+                return
             except PlacementFailed as exc:
                 self._set_state(unit, State.FATAL, reason=str(exc))
                 return
-        limiter = StartLimiter(spec.start_limit_burst, spec.start_limit_interval)
-        limiter.allow(anyio.current_time())  # the first start always goes ahead
-        failures = 0
+        history = History()
         while True:
+            history = history.started(anyio.current_time(), spec.start_limit_interval)
             try:
-                took_over = adopted is not None
-                lines = None
                 if adopted is not None:
-                    unit.placement, spawned = adopted
+                    status, up_for = await self._supervise(unit, *self._take_over(unit, adopted))
                     adopted = None
-                    self._took_over(unit, spawned)
                 else:
-                    # A log probe listens before the spawn: with a remote agent
-                    # the first lines can arrive before spawn() returns.
-                    lines = self._output.subscribe(spec.name, None) if _is_log_probe(spec) else None
-                    try:
-                        spawned = await self._spawn(unit)
-                    except BaseException:
-                        if lines is not None:
-                            lines.close()
-                        raise
-                    if lines is not None:
-                        lines.bind(spawned.pid)
+                    status, up_for = await self._supervise(unit, *await self._spawn(unit))
             except PortBusy as exc:
                 # Often the previous holder is still going away: a failed start.
                 log.warning("unit.port_busy", error=str(exc))
@@ -325,76 +355,78 @@ class Engine:
             except SpawnError as exc:
                 self._set_state(unit, State.FATAL, reason=str(exc))
                 return
-            else:
-                status, up_for = await self._supervise(unit, spawned, took_over, lines)
-                await self._after_exit(spec)
-            if up_for >= healthy_after(spec):
-                failures = 0
-            if not should_restart(spec.restart, status, spec.success_exit_codes):
-                self._set_state(unit, State.EXITED, reason=status.describe())
+            decision = decide(spec, status, up_for, history, anyio.current_time())
+            if isinstance(decision, Done):
+                self._set_state(unit, State.EXITED, reason=decision.reason)
                 return
-            failures += 1
-            delay = backoff_delay(spec, failures)
-            # Decide now whether the next start would break the limit, so a
-            # crash loop ends in FATAL at its last exit, not one delay later.
-            if not limiter.allow(anyio.current_time() + delay):
-                self._set_state(
-                    unit,
-                    State.FATAL,
-                    reason=f"{status.describe()}; start limit: more than"
-                    f" {spec.start_limit_burst} starts within {spec.start_limit_interval:g}s",
-                )
+            if isinstance(decision, GiveUp):
+                self._set_state(unit, State.FATAL, reason=decision.reason)
                 return
+            history = decision.history
             unit.restarts += 1
-            self._set_state(
-                unit, State.BACKOFF, reason=f"{status.describe()}; restart in {delay:g}s"
-            )
-            await anyio.sleep(delay)
+            self._set_state(unit, State.BACKOFF, reason=decision.reason)
+            await anyio.sleep(decision.delay)
 
     async def _wait_requirements(self, unit: _Unit) -> None:
+        """Until every requirement is RUNNING; RequirementFailed once one ended for good."""
         for dep_name in unit.spec.requires:
             dep = self._units[dep_name]
-            if dep.state is not State.RUNNING:
-                unit.reason = f"waiting for {dep_name}"
-                log.info("unit.waiting", requires=dep_name)
             while dep.state is not State.RUNNING:
+                if _ended_for_good(dep):
+                    raise RequirementFailed(
+                        f"requirement {dep_name} {dep.state.value}: {dep.reason or 'not running'}"
+                    )
+                unit.reason = f"waiting for {dep_name}"
+                log.info("unit.waiting", requires=dep_name, state=dep.state.value)
                 await dep.changed.wait()
 
-    async def _spawn(self, unit: _Unit) -> Spawned:
+    async def _spawn(self, unit: _Unit) -> tuple[Spawned, LineSubscription | None]:
         spec = unit.spec
         assert unit.placement is not None
-        spawned = await unit.placement.agent.spawn(spawn_request(spec, unit.placement))
+        # A log probe listens before the spawn: with a remote agent the first
+        # lines can arrive before spawn() returns.
+        lines = self._output.subscribe(spec.name, None) if _is_log_probe(spec) else None
+        try:
+            spawned = await unit.placement.agent.spawn(spawn_request(spec, unit.placement))
+        except BaseException:
+            if lines is not None:
+                lines.close()
+            raise
+        if lines is not None:
+            lines.bind(spawned.pid)
         unit.pid, unit.node, unit.started_at = spawned.pid, spawned.node, time.time()
-        unit.process_alive = True
+        unit.process_alive = unit.group_alive = True
         self._set_state(unit, State.STARTING, reason="spawned")
-        return spawned
+        return spawned, lines
 
-    def _took_over(self, unit: _Unit, spawned: Spawned) -> None:
+    def _take_over(
+        self, unit: _Unit, adopted: tuple[Placement, Spawned]
+    ) -> tuple[Spawned, LineSubscription | None]:
+        unit.placement, spawned = adopted
         unit.pid, unit.node, unit.started_at = spawned.pid, spawned.node, spawned.start_time
-        unit.process_alive = True
+        unit.process_alive = unit.group_alive = True
         self._set_state(unit, State.STARTING, reason="adopted from a previous daemon")
+        return spawned, None
 
     async def _supervise(
-        self,
-        unit: _Unit,
-        spawned: Spawned,
-        took_over: bool = False,
-        lines: LineSubscription | None = None,
+        self, unit: _Unit, spawned: Spawned, lines: LineSubscription | None
     ) -> tuple[ExitStatus, float]:
-        """Wait ready (or exit first), then exit. Returns the status and time spent RUNNING."""
+        """Wait ready (or exit first), then exit; tear the rest of the group down.
+
+        Returns how the run ended and how long it was RUNNING.
+        """
         spec = unit.spec
-        box = _ExitBox()
-        ready_at: float | None = None
-        if took_over and _is_log_probe(spec):
-            # The line it waits for was printed to the previous daemon's watch.
+        if lines is None and _is_log_probe(spec):
+            # Adopted: the line it waits for was printed to the previous daemon's watch.
             spec = replace(spec, ready=None, start_seconds=0.0)
-        if lines is not None and not _is_log_probe(spec):
-            lines.close()
-            lines = None
+        agent = self._agent_of(unit)
+        leader = _ExitBox()
+        ready_at: float | None = None
+        not_ready: str | None = None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch_exit, unit, box)
+            tg.start_soon(self._watch_leader, unit, leader)
             try:
-                outcome = await self._wait_ready(spec, box, lines)
+                outcome = await self._wait_ready(spec, leader, lines)
             finally:
                 if lines is not None:
                     lines.close()
@@ -403,22 +435,33 @@ class Engine:
                 self._set_state(unit, State.RUNNING, reason="ready")
             elif outcome == "timeout":
                 timeout = spec.ready.timeout if spec.ready else spec.start_seconds
-                unit.reason = f"not ready within {timeout:g}s"
+                not_ready = f"not ready within {timeout:g}s"
                 log.warning("unit.not_ready", pid=spawned.pid, timeout=timeout)
-                await self._agent_of(unit).stop(spec.name, spec.stop_signal.name, spec.stop_timeout)
-            await box.exited.wait()
-        assert box.status is not None
-        up_for = 0.0 if ready_at is None else anyio.current_time() - ready_at
-        return box.status, up_for
-
-    async def _watch_exit(self, unit: _Unit, box: _ExitBox) -> None:
-        try:
-            status = await self._agent_of(unit).wait_exit(unit.spec.name)
-        except AgentError as exc:
-            log.error("unit.agent_lost", error=str(exc))
-            status = ExitStatus(code=None, signal="AGENT_LOST")
+                await agent.stop(spec.name, spec.stop_signal.name, spec.stop_timeout)
+            await leader.exited.wait()
+        assert leader.status is not None
+        status = leader.status
+        # The truth at once: the leader is gone, whatever of its group is left.
         unit.process_alive = False
         unit.exit_status = status.describe()
+        if not_ready is not None:
+            status = replace(status, error=f"{not_ready} ({status.describe()})")
+        self._set_state(unit, State.STOPPING, reason=f"{status.describe()}; tearing down the group")
+        await self._after_exit(spec)
+        try:
+            await agent.wait_exit(spec.name)
+        except AgentError as exc:
+            log.error("unit.agent_lost", error=str(exc))
+        unit.group_alive = False
+        up_for = 0.0 if ready_at is None else anyio.current_time() - ready_at
+        return status, up_for
+
+    async def _watch_leader(self, unit: _Unit, box: _ExitBox) -> None:
+        try:
+            status = await self._agent_of(unit).wait_leader_exit(unit.spec.name)
+        except AgentError as exc:
+            log.error("unit.agent_lost", error=str(exc))
+            status = ExitStatus(code=None, signal=None, error=f"agent lost: {exc}")
         box.status = status
         box.exited.set()
 
@@ -451,31 +494,42 @@ class Engine:
         # Detaching (a daemon upgrade) leaves the process and its reservation
         # to the next daemon; everything else ends here.
         detaching, unit.detaching = unit.detaching, False
-        # STOPPING also when the process just exited and the exit is not yet
+        # STOPPING also when the leader just exited and the exit is not yet
         # handled (the unit still reads STARTING or RUNNING).
-        if unit.process_alive or unit.state in (State.STARTING, State.RUNNING):
+        if unit.group_alive or unit.state in (State.STARTING, State.RUNNING):
             self._set_state(
                 unit, State.STOPPING, reason="detaching" if detaching else "stop requested"
             )
-        if unit.process_alive and not detaching:
+        if unit.group_alive and not detaching:
+            leader_was_alive = unit.process_alive
             try:
                 status = await self._agent_of(unit).stop(
                     spec.name, spec.stop_signal.name, spec.stop_timeout
                 )
+            except StopFailed as exc:
+                # Still holding what it held (ports, GPUs): the unit stays STOPPING,
+                # its placement is kept, and a start is refused until it is gone.
+                log.error("unit.stop_failed", error=str(exc))
+                unit.reason = f"stop failed: {exc}"
+                unit.changed.fire()
+                return
             except AgentError as exc:
                 log.error("unit.stop_failed", error=str(exc))
                 status = None
-            unit.process_alive = False
-            if status is not None:
+            unit.process_alive = unit.group_alive = False
+            if status is not None and leader_was_alive:
                 unit.exit_status = status.describe()
-            await self._after_exit(spec)
+            if leader_was_alive:
+                await self._after_exit(spec)
         if unit.placement is not None and not detaching:
             try:
                 await self._placer.release(spec)
             except PlacementFailed as exc:
                 log.error("unit.release_failed", error=str(exc))
             unit.placement = None
-        if unit.state not in (State.EXITED, State.FATAL, State.STOPPED):
+        if unit.failure is not None:
+            self._set_state(unit, State.FATAL, reason=unit.failure)
+        elif unit.state not in (State.EXITED, State.FATAL, State.STOPPED):
             reason = "detached: left running" if detaching else "stopped"
             self._set_state(unit, State.STOPPED, reason=reason)
 
@@ -486,20 +540,22 @@ class Engine:
             with anyio.fail_after(AFTER_EXIT_TIMEOUT):
                 await self._after_exit_hook(spec)
         except Exception as exc:  # a failed clean-up never fails the unit
-            log.warning("unit.after_exit_failed", error=str(exc) or type(exc).__name__)
+            log.warning("unit.after_exit_failed", error=_describe(exc))
 
     # -- stopping many -------------------------------------------------------
 
     async def _stop_many(self, names: set[str]) -> None:
         """Stop names; a unit is stopped only after its dependents within names are."""
         done = {name: anyio.Event() for name in names}
+        dependents = self._dependents_map()
 
         async def stop_one(name: str) -> None:
-            for dependent in self._dependents(name):
+            for dependent in dependents.get(name, ()):
                 if dependent in done:
                     await done[dependent].wait()
             unit = self._units[name]
             unit.wanted = False
+            unit.blocked = False
             if unit.scope is not None:
                 unit.scope.cancel()
             if unit.finished is not None:
@@ -510,14 +566,19 @@ class Engine:
             for name in names:
                 tg.start_soon(stop_one, name)
 
-    def _dependents(self, name: str) -> list[str]:
-        return [n for n, u in self._units.items() if name in u.spec.requires]
+    def _dependents_map(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for name, unit in self._units.items():
+            for dep in unit.spec.requires:
+                found.setdefault(dep, []).append(name)
+        return found
 
     def _dependents_closure(self, name: str) -> set[str]:
+        dependents = self._dependents_map()
         found: set[str] = set()
         todo = [name]
         while todo:
-            for dependent in self._dependents(todo.pop()):
+            for dependent in dependents.get(todo.pop(), ()):
                 if dependent not in found and self._units[dependent].active:
                     found.add(dependent)
                     todo.append(dependent)
@@ -535,8 +596,15 @@ class Engine:
 
     # -- the one writer of state ---------------------------------------------
 
-    def _set_state(self, unit: _Unit, state: State, *, reason: str) -> None:
-        check_transition(unit.state, state)
+    def _set_state(self, unit: _Unit, state: State, *, reason: str, force: bool = False) -> None:
+        """Check, record, log and publish one transition.
+
+        A transition the table refuses is a bug: it raises inside the unit's
+        lifecycle, whose boundary ends that unit FATAL (``force`` is for that
+        last word only).
+        """
+        if not force:
+            check_transition(unit.state, state)
         old = unit.state
         unit.state = state
         unit.reason = reason
@@ -550,16 +618,20 @@ class Engine:
             exit_status=unit.exit_status,
             reason=reason,
         )
-        changed, unit.changed = unit.changed, anyio.Event()
-        changed.set()
+        unit.changed.fire()
         snapshot = self._snapshot(unit)
-        for send in list(self._subscribers):
-            try:
-                send.send_nowait(snapshot)
-            except anyio.WouldBlock:
-                pass  # the subscriber lags; it loses this event, never blocks us
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self._subscribers.remove(send)
+        for feed in list(self._feeds):
+            feed.publish(snapshot)
+        if state is State.RUNNING:
+            self._unblock_dependents(unit.spec.name)
+
+    def _unblock_dependents(self, name: str) -> None:
+        """A requirement is RUNNING again: its wanted dependents that gave up on it start."""
+        for dependent in self._dependents_map().get(name, ()):
+            unit = self._units[dependent]
+            if unit.blocked and unit.wanted and not unit.active:
+                log.info("unit.requirement_back", unit=dependent, requires=name)
+                self.start_nowait(dependent)
 
     def _snapshot(self, unit: _Unit) -> UnitStatus:
         return UnitStatus(
@@ -587,6 +659,19 @@ class Engine:
             return self._units[name]
         except KeyError:
             raise UnknownUnit(name) from None
+
+
+def _ended_for_good(unit: _Unit) -> bool:
+    """Settled and not coming back without a new command."""
+    if unit.active:
+        return False
+    return unit.state in (State.EXITED, State.FATAL) or (
+        unit.state is State.STOPPED and not unit.wanted
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def spawn_request(spec: ServiceSpec, placement: Placement) -> SpawnRequest:

@@ -1,12 +1,50 @@
-"""Restart decisions as pure functions of policy, exit status, counts and time."""
+"""Restart decisions: one pure function of policy, exit status, history and time.
+
+    decide(spec, status, up_for, history, now) -> Restart | GiveUp | Done
+
+Nothing here records anything: the lifecycle keeps the `History` it gets
+back and adds each start itself, so the decision can be read (and tested)
+in one place.
+"""
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..agent_api import ExitStatus
 from ..units.spec import RestartPolicy, ServiceSpec
+
+
+@dataclass(frozen=True)
+class History:
+    """What the decision needs to know of the runs before."""
+
+    starts: tuple[float, ...] = ()  # times of the starts still inside the start-limit window
+    failures: int = 0  # consecutive failed runs
+
+    def started(self, now: float, window: float) -> History:
+        recent = tuple(t for t in self.starts if now - t < window)
+        return History(starts=(*recent, now), failures=self.failures)
+
+
+@dataclass(frozen=True)
+class Restart:
+    delay: float
+    history: History  # keep this one for the next decision
+    reason: str
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done:
+    reason: str
+
+
+Decision = Restart | GiveUp | Done
 
 
 def should_restart(policy: RestartPolicy, status: ExitStatus, success: tuple[int, ...]) -> bool:
@@ -21,7 +59,8 @@ def backoff_delay(spec: ServiceSpec, consecutive_failures: int) -> float:
     """restart_delay, doubled for each consecutive failure, capped at restart_delay_max."""
     if consecutive_failures <= 0:
         return spec.restart_delay
-    return min(spec.restart_delay * (2 ** (consecutive_failures - 1)), spec.restart_delay_max)
+    exponent = min(consecutive_failures - 1, 64)  # 2**64 * any delay is past any cap
+    return min(spec.restart_delay * (2**exponent), spec.restart_delay_max)
 
 
 def healthy_after(spec: ServiceSpec) -> float:
@@ -32,18 +71,27 @@ def healthy_after(spec: ServiceSpec) -> float:
     return max(spec.restart_delay_max, spec.start_seconds)
 
 
-@dataclass
-class StartLimiter:
-    """More than `burst` starts within `interval` seconds means: give up (FATAL)."""
-
-    burst: int
-    interval: float
-    _starts: deque[float] = field(default_factory=deque)
-
-    def allow(self, now: float) -> bool:
-        while self._starts and now - self._starts[0] >= self.interval:
-            self._starts.popleft()
-        if len(self._starts) >= self.burst:
-            return False
-        self._starts.append(now)
-        return True
+def decide(
+    spec: ServiceSpec, status: ExitStatus, up_for: float, history: History, now: float
+) -> Decision:
+    """What to do after a run that ended with status, having been RUNNING for up_for."""
+    what = status.describe()
+    if not should_restart(spec.restart, status, spec.success_exit_codes):
+        return Done(what)
+    failures = 0 if up_for >= healthy_after(spec) else history.failures
+    failures += 1
+    delay = backoff_delay(spec, failures)
+    # Decide now whether the next start would break the limit, so a crash
+    # loop ends in FATAL at its last exit, not one delay later.
+    next_start = now + delay
+    recent = [t for t in history.starts if next_start - t < spec.start_limit_interval]
+    if len(recent) >= spec.start_limit_burst:
+        return GiveUp(
+            f"{what}; start limit: more than {spec.start_limit_burst} starts"
+            f" within {spec.start_limit_interval:g}s"
+        )
+    return Restart(
+        delay=delay,
+        history=History(starts=history.starts, failures=failures),
+        reason=f"{what}; restart in {delay:g}s",
+    )

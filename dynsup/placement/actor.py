@@ -86,6 +86,9 @@ class AgentActor:
         except AgentError as exc:
             return exc
 
+    async def wait_leader_exit(self, name: str) -> Any:
+        return await self._call("wait_leader_exit", name)
+
     async def wait_exit(self, name: str) -> Any:
         return await self._call("wait_exit", name)
 

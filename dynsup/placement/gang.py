@@ -125,15 +125,27 @@ class GangAgent:
             raise
         return started[0]
 
+    async def wait_leader_exit(self, name: str) -> ExitStatus:
+        """The first rank whose leader exits ends the gang: its status, at once."""
+        self._check(name)
+        return self._gang_status(*await self._first_rank("wait_leader_exit"))
+
     async def wait_exit(self, name: str) -> ExitStatus:
         self._check(name)
+        k, outcome = await self._first_rank("wait_exit")
+        with anyio.CancelScope(shield=True):
+            await self._stop_ranks(range(len(self.ranks)))
+        return self._gang_status(k, outcome)
+
+    async def _first_rank(self, method: str) -> tuple[int, ExitStatus | AgentError]:
+        """Call method (a wait) on every rank's agent; the first rank to answer, and how."""
         first: list[tuple[int, ExitStatus | AgentError]] = []
         async with anyio.create_task_group() as tg:
 
             async def watch(k: int) -> None:
                 outcome: ExitStatus | AgentError
                 try:
-                    outcome = await self.ranks[k].agent.wait_exit(rank_name(name, k))
+                    outcome = await getattr(self.ranks[k].agent, method)(rank_name(self.unit, k))
                 except AgentError as exc:
                     outcome = exc
                 first.append((k, outcome))
@@ -141,16 +153,15 @@ class GangAgent:
 
             for k in range(len(self.ranks)):
                 tg.start_soon(watch, k)
-        k, outcome = first[0]
-        with anyio.CancelScope(shield=True):
-            await self._stop_ranks(range(len(self.ranks)))
+        return first[0]
+
+    def _gang_status(self, k: int, outcome: ExitStatus | AgentError) -> ExitStatus:
         if isinstance(outcome, AgentError):
             raise outcome
         if k == 0:
             return outcome
-        return ExitStatus(
-            code=None, signal=None, error=f"rank {k} ({rank_name(name, k)}) {outcome.describe()}"
-        )
+        failed = f"rank {k} ({rank_name(self.unit, k)}) {outcome.describe()}"
+        return ExitStatus(code=None, signal=None, error=failed)
 
     async def stop(self, name: str, stop_signal: str, timeout: float) -> ExitStatus | None:
         self._check(name)

@@ -161,6 +161,9 @@ class RemoteAgent:
                 raise SpawnError(f"{name}: {exc}") from exc
         raise AssertionError("unreachable")
 
+    async def wait_leader_exit(self, name: str) -> ExitStatus:
+        return await self._call("wait_leader_exit", name)
+
     async def wait_exit(self, name: str) -> ExitStatus:
         return await self._call("wait_exit", name)
 

@@ -283,6 +283,9 @@ class UnitRouter:
     async def spawn(self, request: SpawnRequest) -> Spawned:
         return await self._placer.agent_of(request.name).spawn(request)
 
+    async def wait_leader_exit(self, name: str) -> ExitStatus:
+        return await self._placer.agent_of(name).wait_leader_exit(name)
+
     async def wait_exit(self, name: str) -> ExitStatus:
         return await self._placer.agent_of(name).wait_exit(name)
 
