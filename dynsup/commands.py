@@ -72,6 +72,7 @@ def unit_info(snap: UnitStatus, last_error: str | None, gpus: list[str]) -> dict
         "restarts": snap.restarts,
         "last_error": last_error,
         "wanted": snap.wanted,
+        "blocked": snap.blocked,
     }
 
 

@@ -140,7 +140,9 @@ def _start_error(unit: dict[str, Any]) -> str:
 
 
 def format_started(result: dict[str, Any], *, wait: bool = True, restart: bool = False) -> Output:
-    lines, failed = [], False
+    """Exit 1 when a unit failed to start itself; 3 when it only waits on a
+    requirement that ended (its reason names the requirement)."""
+    lines, failed, blocked = [], False, False
     for unit in result.get("units", []):
         name, state = clean(unit["name"]), unit["state"]
         if state == "RUNNING":
@@ -148,10 +150,14 @@ def format_started(result: dict[str, Any], *, wait: bool = True, restart: bool =
             lines.append(f"{name}: started")
         elif not wait and state in _ON_THE_WAY:
             lines.append(f"{name}: starting")
+        elif unit.get("blocked"):
+            blocked = True
+            lines.append(f"{name}: ERROR ({clean(unit.get('reason') or state)})")
         else:
             failed = True
             lines.append(f"{name}: ERROR ({_start_error(unit)})")
-    return Output(_lines(lines), EXIT_FAILED if failed else EXIT_OK)
+    code = EXIT_FAILED if failed else EXIT_NOT_RUNNING if blocked else EXIT_OK
+    return Output(_lines(lines), code)
 
 
 def format_stopped(result: dict[str, Any], *, wait: bool = True) -> Output:

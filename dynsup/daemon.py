@@ -385,9 +385,7 @@ class Daemon:
         try:
             result = await commands.update({})
         except CommandError as exc:
-            log.error(
-                "daemon.reload_refused", code=exc.code, error=exc.message, details=exc.details
-            )
+            log.error("daemon.reload_refused", code=exc.code, error=exc.message, errors=exc.details)
         except Exception as exc:
             log.exception("daemon.reload_failed", error=f"{type(exc).__name__}: {exc}")
         else:

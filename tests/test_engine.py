@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import replace
 
 import anyio
 import pytest
 
 from dynsup.agent import LocalAgent
 from dynsup.engine import Engine, State
+from dynsup.engine.placement import Placement, SingleAgent
 from dynsup.units.spec import ProbeKind, ReadySpec, RestartPolicy, ServiceSpec
 
 from .helpers import alive, open_engine, service, wait_for
@@ -289,3 +293,112 @@ async def test_after_exit_runs_before_the_restart_and_after_a_stop() -> None:
         await engine.stop("sleeper")
     # A stop runs it too: a process killed by the stop's SIGKILL could not clean up either.
     assert seen[before_stop:] == [("sleeper", State.STOPPING, None, 0)]
+
+
+@pytest.fixture
+def busy_port() -> Iterator[tuple[socket.socket, int]]:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    yield holder, holder.getsockname()[1]
+    holder.close()
+
+
+async def test_a_busy_port_at_the_first_start_backs_off_then_runs(
+    busy_port: tuple[socket.socket, int],
+) -> None:
+    """Regression: PortBusy at the first start tried PENDING -> BACKOFF, which the
+    table refused: TransitionError, and the daemon exited with every unit."""
+    holder, port = busy_port
+    web = service("web", "import time; time.sleep(600)", ports=(port,), restart_delay=0.05)
+    web = replace(web, restart_delay_max=0.2, start_limit_burst=1000)
+    other = service("other", "import time; time.sleep(600)")
+    async with open_engine(web, other) as engine:
+        engine.start_nowait("web")
+        engine.start_nowait("other")
+        backoff = await wait_for(engine, "web", State.BACKOFF)
+        assert f"port {port} is already in use" in backoff.reason
+        await wait_for(engine, "other", State.RUNNING)
+        holder.close()
+        await wait_for(engine, "web", State.RUNNING)
+
+
+async def test_a_busy_port_under_restart_no_ends_exited() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        spec = service("once", "pass", ports=(port,), restart=RestartPolicy.NO)
+        async with open_engine(spec) as engine:
+            engine.start_nowait("once")
+            done = await wait_for(engine, "once", State.EXITED)
+    assert f"port {port} is already in use" in done.reason
+
+
+class BuggyPlacer(SingleAgent):
+    """A placer with a bug for one unit: what a KeyError deep in placement looks like."""
+
+    async def place(self, spec: ServiceSpec) -> Placement:
+        if spec.name == "doomed":
+            raise KeyError("a bug")
+        return await super().place(spec)
+
+
+async def test_a_bug_in_one_unit_ends_that_unit_fatal_and_the_others_run() -> None:
+    async with LocalAgent() as agent, Engine(placer=BuggyPlacer(agent)) as engine:
+        engine.load(
+            {
+                "doomed": service("doomed", "import time; time.sleep(600)"),
+                "fine": service("fine", "import time; time.sleep(600)"),
+            }
+        )
+        engine.start_nowait("doomed")
+        engine.start_nowait("fine")
+        fatal = await wait_for(engine, "doomed", State.FATAL)
+        assert fatal.reason == "internal error: KeyError: 'a bug'"
+        running = await wait_for(engine, "fine", State.RUNNING)
+        assert alive(running.pid)
+        # The failed unit can be started again (and fails the same way, alone).
+        engine.start_nowait("doomed")
+        await wait_for(engine, "doomed", State.FATAL)
+        await engine.stop_all()
+
+
+async def test_a_leader_exit_shows_at_once_while_its_group_is_torn_down() -> None:
+    """The leader exits; its child ignores SIGTERM and lingers. The unit must not
+    read RUNNING meanwhile, and the after-exit hook (discovery withdrawal) must
+    run while the child is still there, not once the group is empty."""
+    code = """
+    import os, signal, sys, time
+    if os.fork() == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(os.getpid(), flush=True)
+        time.sleep(600)
+    time.sleep(0.5)
+    sys.exit(1)
+    """
+    child_alive_at_hook: list[bool] = []
+    seen_child: list[int] = []
+
+    async def after_exit(spec: ServiceSpec) -> None:
+        child_alive_at_hook.append(bool(seen_child) and alive(seen_child[0]))
+
+    spec = service("parent", code, restart=RestartPolicy.NO, stop_timeout=2.0)
+    async with open_engine(spec, after_exit=after_exit) as engine:
+        engine.start_nowait("parent")
+        running = await wait_for(engine, "parent", State.RUNNING)
+        agent = engine._units["parent"].placement.agent  # type: ignore[union-attr]
+        with anyio.fail_after(20):
+            while not seen_child:
+                read = await agent.read_log("parent", "stdout", 0, 100)
+                seen_child.extend(int(x) for x in read.data.split())
+                await anyio.sleep(0.05)  # polling the ring until the child's line is there
+        stopping = await wait_for(engine, "parent", State.STOPPING)
+        assert stopping.reason == "exit status 1; tearing down the group"
+        assert stopping.pid is None
+        assert alive(seen_child[0]), "the group is still being torn down"
+        exited = await wait_for(engine, "parent", State.EXITED)
+        assert not alive(seen_child[0])
+    assert running.pid is not None
+    assert child_alive_at_hook == [True]
+    assert exited.exit_status == "exit status 1"

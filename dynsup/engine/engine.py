@@ -71,6 +71,7 @@ class UnitStatus:
     restarts: int
     wanted: bool
     gpus: tuple[str, ...] = ()
+    blocked: bool = False  # settled because a requirement ended; starts when it is back
 
 
 class RequirementFailed(Exception):
@@ -647,6 +648,7 @@ class Engine:
             restarts=unit.restarts,
             wanted=unit.wanted,
             gpus=unit.placement.gpus if unit.placement else (),
+            blocked=unit.blocked,
         )
 
     @staticmethod
