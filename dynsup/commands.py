@@ -137,11 +137,16 @@ class Commands:
             if empty_means_all:
                 return known
             raise CommandError(BAD_ARGUMENTS, "name at least one unit, or 'all'")
-        if names == ["all"]:
+        if "all" in names and "all" not in known:
             return known
-        unknown = [n for n in names if n not in known]
+        names = list(dict.fromkeys(names))  # each once, in the order given
+        loaded = set(known)
+        unknown = [n for n in names if n not in loaded]
         if unknown:
-            raise CommandError(BAD_NAME, f"no such unit: {', '.join(unknown)}", details=unknown)
+            shown = ", ".join(unknown[:20]) + (
+                f" (and {len(unknown) - 20} more)" if len(unknown) > 20 else ""
+            )
+            raise CommandError(BAD_NAME, f"no such unit: {shown}", details=unknown[:1000])
         return names
 
     async def _info(self, name: str) -> dict[str, Any]:

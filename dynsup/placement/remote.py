@@ -8,7 +8,7 @@ when output arrives or after its timeout), so nothing here spins.
 
 Ray failures are translated at this boundary: a dead or unreachable actor
 becomes `AgentLost` (an `AgentError`: the engine reads it from
-``wait_exit`` as an exit with signal ``AGENT_LOST`` and restarts by
+``wait_leader_exit`` as a failed run, "agent lost: …", and restarts by
 policy). A `RemoteAgent` stands for a *node*, not for one actor: after a
 loss, the next ``spawn`` makes a new actor on the node (the engine's
 restart), and ``next_chunks`` waits for that instead of failing, so a
