@@ -11,6 +11,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import anyio
 import psutil
@@ -18,9 +19,20 @@ import pytest
 
 from dynsup.agent_api import ChunkBatch
 from dynsup.engine import Engine, OutputHub, State
-from dynsup.placement import OverCommitError, RayHandle, list_groups, namespace_for
+from dynsup.engine.placement import Placement, Placer
+from dynsup.placement import (
+    Layout,
+    OverCommitError,
+    RayHandle,
+    Strategy,
+    group_name,
+    list_groups,
+    namespace_for,
+    reserve,
+)
+from dynsup.placement.placer import NOSET_ENV
 from dynsup.placement.runtime import RayRuntime, open_runtime
-from dynsup.units.spec import ProbeKind, ReadySpec, ServiceSpec
+from dynsup.units.spec import ProbeKind, ReadySpec, ServiceSpec, freeze_env
 from tests.ray_fixtures import (
     EMBEDDED_GPUS,
     LocalCluster,
@@ -321,3 +333,80 @@ def test_a_spread_unit_runs_its_ranks_on_two_nodes_and_restarts_them_together(
     ranks = {(row["node_id"], row["gpu"]): row["rank"] for row in result["table"]}
     assert sorted(ranks.values()) == [0] * 4 + [1] * 4
     assert result["actors_left"] == [] and result["groups_left"] == []
+
+
+class _WatchedPlacer:
+    """The runtime's own placer; tells the test when a placement has begun."""
+
+    def __init__(self, placer: Placer) -> None:
+        self.placer = placer
+        self.placing = anyio.Event()
+
+    async def place(self, spec: ServiceSpec) -> Placement:
+        self.placing.set()
+        return await self.placer.place(spec)
+
+    async def release(self, spec: ServiceSpec) -> None:
+        await self.placer.release(spec)
+
+
+async def test_a_gpu_unit_stopped_while_being_placed_leaves_no_placement_group(
+    ray_embedded: RayHandle, ray_instance: str, namespace: str
+) -> None:
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # The unit's group exists (a restart reuses it) and an actor holds its
+    # GPUs, so the placement waits in its GPU probe until the stop comes.
+    name = group_name(ray_instance, "slow", 0)
+    held = await reserve(name, Layout(Strategy.STRICT_PACK, 2, 1), SETTLE)
+
+    class Blocker:  # nested: sent by value, workers need no copy of the tests
+        def ready(self) -> bool:
+            return True
+
+    strategy = PlacementGroupSchedulingStrategy(held.group, placement_group_bundle_index=0)
+    blocker = ray.remote(num_cpus=0, num_gpus=2)(Blocker).options(scheduling_strategy=strategy)
+    blocker = blocker.remote()
+    try:
+        with anyio.fail_after(SETTLE):
+            await blocker.ready.remote()
+        async with open_runtime(ray_embedded, ray_instance, namespace=namespace) as rt:
+            placer = _WatchedPlacer(rt.placer)
+            async with Engine(placer=placer, output=OutputHub()) as engine:
+                engine.load({"slow": gpu_unit("slow")})
+                engine.start_nowait("slow")
+                with anyio.fail_after(SETTLE):
+                    await placer.placing.wait()
+                await engine.stop("slow")
+                assert engine.statistics(["slow"])[0].state is State.STOPPED
+            # Nobody holds it now: it must not keep its GPUs from everyone.
+            assert await list_groups(ray_instance) == []
+    finally:
+        ray.kill(blocker)
+
+
+async def test_units_under_a_ray_agent_inherit_none_of_rays_worker_environment(
+    ray_embedded: RayHandle, ray_instance: str, namespace: str
+) -> None:
+    own = {"RAY_MINE": "kept", "PYTHONBREAKPOINT": "pdb.set_trace"}
+    plain = replace(service("plain", SLEEPER, ready=UP), environment=freeze_env(own))
+    gpu = replace(gpu_unit("gpu"), environment=freeze_env({}))
+    async with open_stack(ray_embedded, ray_instance, namespace, plain, gpu) as (_, engine):
+        engine.start_nowait("plain")
+        engine.start_nowait("gpu")
+        envs = {
+            name: psutil.Process(await wait_running(engine, name)).environ()
+            for name in ("plain", "gpu")
+        }
+    for name, env in envs.items():
+        ray_keys = {key for key in env if key.startswith("RAY_")}
+        explicit = {"RAY_MINE"} if name == "plain" else {NOSET_ENV}
+        assert ray_keys == explicit, (name, ray_keys)
+        assert env.get("PYTHONBREAKPOINT") != "ray.util.rpdb.set_trace"
+        assert "SPT_NOENV" not in env and "DYNSUP_RAY_HEAD" not in env
+        # Ray gives its CPU-less workers one OpenMP thread; the node did not.
+        assert env.get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
+    # A unit's own environment still passes, Ray's names included.
+    assert envs["plain"]["RAY_MINE"] == "kept"
+    assert envs["plain"]["PYTHONBREAKPOINT"] == "pdb.set_trace"

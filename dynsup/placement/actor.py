@@ -26,11 +26,13 @@ import asyncio
 import contextlib
 import os
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from ..agent import LocalAgent
-from ..agent_api import AgentError
+from ..agent_api import AgentError, SpawnRequest
 from ..warden import MARK_VAR, Warden, kill_marked
+from .ray_env import raylet_env, unit_env_fix
 
 ACTOR_PREFIX = "dynsup-agent-"
 # Long-polls (wait_exit per unit, next_chunks per pump) each hold a slot.
@@ -50,6 +52,8 @@ class AgentActor:
         prefix = f"{namespace}/{node_id}/"
         self._mark = f"{prefix}{uuid.uuid4().hex[:12]}"
         kill_marked(lambda mark: mark.startswith(prefix) and mark != self._mark)
+        # Read before the mark is set: the mark is the agent's, not Ray's.
+        self._unset, self._restore = unit_env_fix(os.environ, raylet_env(os.environ))
         # Children inherit os.environ (LocalAgent's inherited_env); the
         # actor's own /proc/<pid>/environ keeps its initial contents, so the
         # warden never finds the actor itself.
@@ -79,10 +83,17 @@ class AgentActor:
 
     # -- the Agent contract, errors returned as values -----------------------
 
-    async def spawn(self, *args: Any, **kwargs: Any) -> Any:
+    async def spawn(self, request: SpawnRequest) -> Any:
         agent = await self._ensure()
+        # Units get the node's environment, not this Ray worker's; their own
+        # `environment` still wins.
+        request = replace(
+            request,
+            unset_env=(*request.unset_env, *self._unset),
+            env={**self._restore, **request.env},
+        )
         try:
-            return await agent.spawn(*args, **kwargs)
+            return await agent.spawn(request)
         except AgentError as exc:
             return exc
 

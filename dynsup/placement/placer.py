@@ -10,10 +10,12 @@
 * ``release`` removes the group: only the end of a lifecycle frees GPUs,
   so a crashing worker never loses them to another tenant.
 
-Before reserving, the unit and every unit already placed are checked
-against the cluster's capacity: an ask that can never fit fails at once
+Before reserving, the unit and every unit placed or being placed are
+checked against the cluster's capacity: an ask that can never fit fails at once
 with ``check_fits``'s message instead of waiting out the reservation
-timeout. Every failure reaches the engine as `PlacementFailed`.
+timeout. Every failure reaches the engine as `PlacementFailed`. A group
+that ends up held by nobody (a failed or cancelled placement: the unit
+was stopped meanwhile) is removed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import structlog
 
 from ..agent_api import Agent
 from ..engine.placement import Placement, PlacementFailed
@@ -33,7 +36,6 @@ from .groups import (
     BundleGpus,
     GroupExists,
     Reservation,
-    ReservationTimeout,
     find,
     gpu_ids,
     release,
@@ -44,10 +46,13 @@ from .layout import GpuRequest, PlacementError, check_fits, group_name, plan_lay
 from .ray_cluster import NodeInfo, RayHandle
 from .remote import AgentPool
 
+log = structlog.get_logger("dynsup.placement")
+
 GPU_ENV = "CUDA_VISIBLE_DEVICES"
 # Ray's own workers (a vLLM that starts Ray inside the unit) would otherwise
 # reset CUDA_VISIBLE_DEVICES to the GPUs *they* asked Ray for.
 NOSET_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+_CLEANUP_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class RayPlacer:
         self._held: dict[str, Held] = {}
         self._placements: dict[str, Placement] = {}
         self._nodes: list[NodeInfo] = []
+        self._reserving: dict[str, int] = {}  # unit -> GPUs, while its group is being made
 
     # -- the Placer contract ---------------------------------------------------
 
@@ -124,12 +130,17 @@ class RayPlacer:
         return self._nodes
 
     async def check_fits(self, specs: Iterable[ServiceSpec]) -> None:
-        """Raise `OverCommitError` unless every GPU unit of specs can hold its GPUs at once.
+        """Raise `OverCommitError` unless the GPU units of specs fit together.
 
-        Run it before starting anything: its message names what each unit
-        asks for and what each node has.
+        Alongside what the other units hold or are being given now (a unit
+        of specs that holds GPUs is counted with its new ask only). Run it
+        before starting anything: its message names what each unit asks for
+        and what each node has.
         """
-        check_fits(_requests(specs), _gpu_nodes(await self.refresh_nodes()))
+        specs = list(specs)
+        names = {spec.name for spec in specs}
+        others = [ask for ask in self._asks(besides="") if ask.unit not in names]
+        check_fits([*others, *_requests(specs)], _gpu_nodes(await self.refresh_nodes()))
 
     def agent_of(self, name: str) -> Agent:
         """The agent a unit was placed on (the local one when unknown)."""
@@ -199,32 +210,64 @@ class RayPlacer:
     # -- internals ---------------------------------------------------------------
 
     async def _reserve(self, spec: ServiceSpec) -> Held:
-        nodes = _gpu_nodes(await self.refresh_nodes())
-        layout = plan_layout(spec.gpus, nodes)
-        others = [h for name, h in self._held.items() if name != spec.name]
-        asks = [GpuRequest(h.unit, 1, h.reservation.layout.total_gpus) for h in others]
-        check_fits([*asks, GpuRequest(spec.name, 1, spec.gpus)], nodes)
         name = group_name(self.instance, spec.name, 0)
-        reservation = await find(name)
-        if reservation is not None and reservation.layout.total_gpus != spec.gpus:
-            await release(reservation)  # made for another size of the unit
-            reservation = None
-        if reservation is None:
-            try:
-                reservation = await reserve(name, layout, self.reserve_timeout)
-            except GroupExists:
-                reservation = await find(name)  # made concurrently by another call
-                if reservation is None:
-                    raise
+        reservation: Reservation | None = None
         try:
+            nodes = _gpu_nodes(await self.refresh_nodes())
+            layout = plan_layout(spec.gpus, nodes)
+            # Checked against what is held and what is being reserved now, with
+            # no await between the check and the entry: units placed at the same
+            # time (a daemon's start, one `update`) are checked together, so one
+            # of them fails at once instead of waiting out the reserve timeout.
+            asks = [*self._asks(besides=spec.name), GpuRequest(spec.name, 1, spec.gpus)]
+            check_fits(asks, nodes)
+            self._reserving[spec.name] = spec.gpus
+            reservation = await find(name)
+            if reservation is not None and reservation.layout.total_gpus != spec.gpus:
+                await release(reservation)  # made for another size of the unit
+                reservation = None
+            if reservation is None:
+                try:
+                    reservation = await reserve(name, layout, self.reserve_timeout)
+                except GroupExists:
+                    reservation = await find(name)  # made concurrently by another call
+                    if reservation is None:
+                        raise
             await wait_ready(reservation, self.reserve_timeout)
             bundles = await gpu_ids(reservation, self.probe_timeout)
-        except (ReservationTimeout, TimeoutError):
-            # Not left pending: it would grab GPUs whenever they free up.
+        except BaseException:
+            # Nobody holds the group now: not placed, it would grab GPUs
+            # whenever they free up; placed, it would keep them from everyone.
+            # Cancellation (the unit stopped while being placed) included.
             with anyio.CancelScope(shield=True):
-                await release(reservation)
+                await self._remove_group(name, reservation)
             raise
+        finally:
+            self._reserving.pop(spec.name, None)
         return Held(spec.name, reservation, tuple(bundles))
+
+    def _asks(self, *, besides: str) -> list[GpuRequest]:
+        """What every other unit holds or is being given now."""
+        asks = [
+            GpuRequest(h.unit, 1, h.reservation.layout.total_gpus)
+            for name, h in self._held.items()
+            if name != besides
+        ]
+        asks += [
+            GpuRequest(name, 1, gpus) for name, gpus in self._reserving.items() if name != besides
+        ]
+        return asks
+
+    async def _remove_group(self, name: str, reservation: Reservation | None) -> None:
+        # Bounded: with the GCS gone this would block for as long as Ray retries.
+        with anyio.move_on_after(_CLEANUP_TIMEOUT):
+            try:
+                if reservation is None:
+                    reservation = await find(name)
+                if reservation is not None:
+                    await release(reservation)
+            except (PlacementError, *_ray_errors()) as exc:
+                log.warning("placement.remove_failed", group=name, error=_first_line(exc))
 
     def _remember(self, held: Held) -> Placement:
         self._held[held.unit] = held
