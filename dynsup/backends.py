@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from .agent import LocalAgent
 from .agent_api import Agent, ChunkBatch
 from .config import RayConfig
 from .engine import Engine
-from .engine.placement import Placer, SingleAgent
+from .engine.placement import Placement, PlacementFailed, Placer, SingleAgent
 from .units.spec import ServiceSpec
 from .warden import MARK_VAR, Warden
 
@@ -35,8 +35,37 @@ log = structlog.get_logger("dynsup.backend")
 OnBatch = Callable[[ChunkBatch], None]
 
 
-class OverCommitted(Exception):
+class OverCommitted(PlacementFailed):
     """The units ask for more GPUs than the cluster has; nothing was started."""
+
+
+# Checks units about to start (added or changed), before anything is
+# spawned; ``leaving`` names units whose GPUs are freed first (removed or
+# changed). Raises `PlacementFailed` with what to do.
+Check = Callable[[Mapping[str, ServiceSpec], Iterable[str]], Awaitable[None]]
+
+
+def without_ray(spec: ServiceSpec) -> str:
+    """Why a GPU unit cannot run on a daemon that runs without Ray."""
+    return (
+        f"unit {spec.name} asks for {spec.gpus} GPU{'s' if spec.gpus != 1 else ''}; this "
+        "daemon runs without Ray: restart dynsupd (or set [ray] enabled = true)"
+    )
+
+
+class NoGpus(SingleAgent):
+    """Every unit on the in-process agent; a GPU unit is refused, never run unreserved."""
+
+    async def place(self, spec: ServiceSpec) -> Placement:
+        if spec.gpus > 0:
+            raise PlacementFailed(without_ray(spec))
+        return await super().place(spec)
+
+
+async def refuse_gpus(specs: Mapping[str, ServiceSpec], leaving: Iterable[str] = ()) -> None:
+    refused = [without_ray(spec) for spec in specs.values() if spec.gpus > 0]
+    if refused:
+        raise PlacementFailed("; ".join(refused))
 
 
 def ray_wanted(config: RayConfig, specs: Mapping[str, ServiceSpec]) -> bool:
@@ -52,7 +81,7 @@ class Backend:
     pump: Callable[[OnBatch], Any]  # async: feeds output batches, forever
     gpu_table: Callable[[], Any] | None = None  # async, for `dynsupctl gpus`
     adopt: Callable[[Engine, Mapping[str, ServiceSpec], set[str]], Any] | None = None
-    check: Callable[[Mapping[str, ServiceSpec]], Any] | None = None  # async, before any start
+    check: Check = refuse_gpus  # before units are added or changed
 
 
 @asynccontextmanager
@@ -76,7 +105,7 @@ def _local_backend(agent: LocalAgent) -> Backend:
             on_batch(batch)
             cursor = batch.cursor
 
-    return Backend(placer=SingleAgent(agent), agent=agent, pump=pump)
+    return Backend(placer=NoGpus(agent), agent=agent, pump=pump)
 
 
 @asynccontextmanager
@@ -97,11 +126,13 @@ async def open_ray_backend(
         async def gpu_table() -> Any:
             return runtime.gpu_table()
 
-        async def check(specs: Mapping[str, ServiceSpec]) -> None:
+        async def check(specs: Mapping[str, ServiceSpec], leaving: Iterable[str] = ()) -> None:
             try:
-                await runtime.placer.check_fits(specs.values())
+                await runtime.placer.check_fits(specs.values(), besides=leaving)
             except PlacementError as exc:
                 raise OverCommitted(str(exc)) from exc
+            except Exception as exc:  # Ray unreachable: the placement will say why
+                log.warning("gpu.check_failed", error=str(exc) or type(exc).__name__)
 
         async def adopt(engine: Engine, specs: Mapping[str, ServiceSpec], wanted: set[str]) -> None:
             """Take over what a previous daemon left running; stop what no longer matches."""

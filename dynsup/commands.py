@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import anyio
@@ -36,6 +36,7 @@ from .control.protocol import (
 from .control.server import Stream
 from .engine import Engine, OutputHub, ReloadPlan, State, UnitStatus, UnknownUnit
 from .engine.output import ChunkFollower
+from .engine.placement import PlacementFailed
 from .engine.states import SETTLED_STATES
 from .signals import parse_signal
 from .statefile import DesiredState
@@ -52,6 +53,9 @@ _TAIL_READ = 1 << 20
 SpecSource = Callable[..., Mapping[str, ServiceSpec]]
 # Model units of the directories: name -> mode ("aggregated" | "disaggregated").
 ModelSource = Callable[[], Mapping[str, str]]
+# The units a write verb is about to start, and those whose resources it frees
+# first: raises PlacementFailed when they cannot all be placed (the backend's).
+StartCheck = Callable[[Mapping[str, ServiceSpec], Iterable[str]], Awaitable[None]]
 
 
 def unit_info(snap: UnitStatus, last_error: str | None, gpus: list[str]) -> dict[str, Any]:
@@ -96,6 +100,7 @@ class Commands:
         request_shutdown: Callable[[bool], None],
         models: ModelSource | None = None,
         gpu_table: Callable[[], Any] | None = None,
+        check: StartCheck | None = None,
     ) -> None:
         self._engine = engine
         self._agent = agent
@@ -105,6 +110,7 @@ class Commands:
         self._request_shutdown = request_shutdown
         self._models = models or (lambda: {})
         self._gpu_table = gpu_table
+        self._check = check
         self._shutting_down = False
         self._writing = anyio.Lock()  # write verbs, one at a time
 
@@ -350,6 +356,7 @@ class Commands:
         async with self._writing:
             self._check_running()
             new_specs = await self._update_specs(wanted)
+            await self._check_starts(new_specs)
             plan = await self._engine.apply(new_specs)
             self._desired.forget_except(set(new_specs))
         return {**plan_result(plan), "applied": True}
@@ -400,6 +407,7 @@ class Commands:
             # Only this pool's workers move: every other unit keeps its running spec.
             merged = {n: s for n, s in current.items() if not _worker_of(n, prefix)}
             merged.update({n: s for n, s in new_specs.items() if _worker_of(n, prefix)})
+            await self._check_starts(merged)
             plan = await self._engine.apply(merged)
             self._desired.set_replicas(target, count)
         return {**plan_result(plan), "applied": True, "replicas": count}
@@ -408,6 +416,26 @@ class Commands:
         if self._gpu_table is None:
             return {"ray": False, "gpus": []}
         return {"ray": True, "gpus": await self._gpu_table()}
+
+    async def _check_starts(self, new_specs: Mapping[str, ServiceSpec]) -> None:
+        """Refuse, before anything is stopped or spawned, units that cannot be placed.
+
+        The units applying new_specs starts (added autostart units, changed
+        wanted ones) are checked together: two that fit alone but not side by
+        side are refused as one.
+        """
+        if self._check is None:
+            return
+        plan = self._engine.plan(new_specs)
+        wanted = {s.name for s in self._engine.statistics() if s.wanted}
+        starting = {n: new_specs[n] for n in plan.added if new_specs[n].autostart}
+        starting.update({n: new_specs[n] for n in plan.changed if n in wanted})
+        try:
+            await self._check(starting, [*plan.removed, *plan.changed])
+        except PlacementFailed as exc:
+            raise CommandError(
+                BAD_CONFIG, f"nothing applied: {exc}", details=sorted(starting)
+            ) from None
 
     async def _read_specs(self, **overrides: Any) -> Mapping[str, ServiceSpec]:
         """The unit directories read again, in a worker thread (a 5 MB directory

@@ -29,7 +29,7 @@ from anyio.abc import TaskStatus
 
 from . import __version__
 from .agent_api import ChunkBatch
-from .backends import Backend, OverCommitted, open_local, open_ray_backend, ray_wanted
+from .backends import Backend, open_local, open_ray_backend, ray_wanted
 from .commands import Commands
 from .config import ConfigError, DaemonConfig, RayConfig, load_config
 from .control.paths import socket_path
@@ -292,14 +292,9 @@ class Daemon:
         else:
             backend_context = open_local()
         async with backend_context as backend:
-            try:
-                if backend.check is not None:
-                    await backend.check(self.specs)
-            except OverCommitted as exc:
-                print(f"dynsupd: refusing to start anything: {exc}", file=sys.stderr)
-                self.exit_code = EXIT_BAD_CONFIG
-                server.close()
-                return
+            # No up-front GPU check: what a previous daemon left running is
+            # adopted first, and a wanted unit that cannot be placed then goes
+            # FATAL alone with the placer's reason (asked vs per node).
             await self._run(server, backend, hub, notifier, journal)
         notifier.close()
         log.info("daemon.stopped")
@@ -327,6 +322,7 @@ class Daemon:
                 request_shutdown=self.request_shutdown,
                 models=lambda: self.models,
                 gpu_table=backend.gpu_table,
+                check=backend.check,
             )
             server.handlers.update(commands.handlers())
             await tg.start(server.serve)

@@ -129,16 +129,19 @@ class RayPlacer:
         self._nodes = await anyio.to_thread.run_sync(self.handle.nodes, abandon_on_cancel=True)
         return self._nodes
 
-    async def check_fits(self, specs: Iterable[ServiceSpec]) -> None:
+    async def check_fits(
+        self, specs: Iterable[ServiceSpec], *, besides: Iterable[str] = ()
+    ) -> None:
         """Raise `OverCommitError` unless the GPU units of specs fit together.
 
         Alongside what the other units hold or are being given now (a unit
-        of specs that holds GPUs is counted with its new ask only). Run it
+        of specs that holds GPUs is counted with its new ask only; units in
+        ``besides`` are about to free theirs and are not counted). Run it
         before starting anything: its message names what each unit asks for
         and what each node has.
         """
         specs = list(specs)
-        names = {spec.name for spec in specs}
+        names = {spec.name for spec in specs} | set(besides)
         others = [ask for ask in self._asks(besides="") if ask.unit not in names]
         check_fits([*others, *_requests(specs)], _gpu_nodes(await self.refresh_nodes()))
 
