@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import psutil
@@ -115,3 +116,44 @@ def test_daemon_restart_adopts_unchanged_units_and_replaces_changed_ones(tmp_pat
         if str(tmp_path) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()
     ]
     assert not leftovers
+
+
+def test_the_daemon_and_its_units_outlive_a_dead_gcs(tmp_path: Path) -> None:
+    from dynsup.placement.head import read_head, stop_head
+
+    units = tmp_path / "units"
+    write_unit(
+        units,
+        "model",
+        f"""
+        [service]
+        command = {TICKER}
+        start_seconds = 0.2
+        [resources]
+        gpus = 1
+        """,
+    )
+    config = tmp_path / "dynsupd.toml"
+    config.write_text("[ray]\nnum_gpus = 2\n")
+    # Ray's default is 60 s; a short one shows the same death sooner.
+    env = {"RAY_gcs_rpc_server_reconnect_timeout_s": "3"}
+    state = tmp_path / "state"
+    try:
+        with run_dynsupd(tmp_path, units, extra=["--config", str(config)], env=env) as daemon:
+            daemon.wait_state("model", "RUNNING", timeout=180)
+            pid = status(daemon)["model"]["pid"]
+            head = read_head(state)
+            assert head is not None
+            os.kill(head.gcs_pid, signal.SIGKILL)
+            # Nothing to wait on: surviving is the absence of an exit. Ray ends
+            # the driver a few seconds after the 3 s; 30 s leaves room for load.
+            with pytest.raises(subprocess.TimeoutExpired):
+                daemon.proc.wait(30)
+            assert alive(pid)  # the agent actor outlived it too
+            assert status(daemon)["model"]["state"] == "RUNNING"
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait(30)
+    finally:
+        head = read_head(state)
+        if head is not None:
+            stop_head(state, head)

@@ -10,6 +10,7 @@
   state directory, so that it outlives a crashed daemon.
 * ``actor`` / ``remote``: the agent as a detached actor per node, and the
   `Agent` proxy the engine talks to (Ray failures become ``AgentLost``).
+* ``ray_env``: what Ray adds to its workers' environment, kept from units.
 * ``gang``: one unit's ranks over several nodes, living and dying together.
 * ``placer``: the engine's `Placer` on Ray (reservations, GPU ids, the GPU table).
 * ``runtime``: the daemon's entry point: connect, place, adopt, pump output.

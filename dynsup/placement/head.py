@@ -44,7 +44,7 @@ from pathlib import Path
 import psutil
 import tomli_w
 
-from .ray_cluster import RayConnectError
+from .ray_cluster import RayConnectError, survive_gcs_outages
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,6 +115,8 @@ def start_head(state_dir: Path, *, num_gpus: int | None, num_cpus: int | None = 
     token = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+    # The raylet and the agent actors it starts outlive a GCS restart too.
+    survive_gcs_outages(env)
     env[MARK_VAR] = token
     args = [
         str(ray_cli),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,6 +35,20 @@ from .layout import PlacementError
 
 class RayConnectError(PlacementError):
     """Ray could not be started or joined."""
+
+
+# Ray's core worker ends its process (the daemon, an agent actor) when the
+# GCS stays unreachable this long (default 60 s): a GCS outage would take
+# down the supervisor and, through the agents, every unit. Ray's config reads
+# RAY_<name> from the environment when the process joins. Set, not defaulted:
+# no setting may let Ray end the supervisor.
+GCS_RECONNECT_VAR = "RAY_gcs_rpc_server_reconnect_timeout_s"
+GCS_RECONNECT_S = str(365 * 24 * 3600)
+
+
+def survive_gcs_outages(env: MutableMapping[str, str]) -> None:
+    """Keep a process that joins Ray with ``env`` alive while the GCS is away."""
+    env[GCS_RECONNECT_VAR] = GCS_RECONNECT_S
 
 
 @dataclass(frozen=True)
@@ -163,6 +177,7 @@ def connect(
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     else:
         options["address"] = address
+    survive_gcs_outages(os.environ)
     # ray.init warns before it applies logging_level.
     logging.getLogger("ray").setLevel(logging.ERROR)
     try:

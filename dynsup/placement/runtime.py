@@ -49,6 +49,7 @@ from .remote import AgentPool, RemoteAgent, agents_of
 
 log = structlog.get_logger("dynsup.placement")
 
+_CLOSE_TIMEOUT = 60.0
 _RANK = re.compile(r"^(?P<unit>.+)-r(?P<rank>[1-9][0-9]*)$")
 
 
@@ -221,11 +222,15 @@ class RayRuntime:
 
     async def close(self) -> bool:
         """Tear the agents down if they host nothing; returns whether they did."""
-        try:
-            return await self._close()
-        except Exception as exc:  # Ray gone (head died, network): nothing to tear down
-            log.error("ray.close_failed", error=str(exc))
-            return False
+        # Bounded: with the GCS gone, Ray's calls wait for it without end.
+        with anyio.move_on_after(_CLOSE_TIMEOUT):
+            try:
+                return await self._close()
+            except Exception as exc:  # Ray gone (head died, network): nothing to tear down
+                log.error("ray.close_failed", error=str(exc))
+                return False
+        log.error("ray.close_failed", error=f"Ray did not answer within {_CLOSE_TIMEOUT:g} s")
+        return False
 
     async def _close(self) -> bool:
         hosted = await self._hosted()
