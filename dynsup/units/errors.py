@@ -89,6 +89,12 @@ def show(value: object) -> str:
     return repr(value)
 
 
+def short_int(number: int) -> str:
+    """An integer for a message: one of 4,000 digits is cut to its ends."""
+    text = str(number)
+    return text if len(text) <= 40 else f"{text[:20]}…{text[-10:]} ({len(text)} digits)"
+
+
 def describe(value: object) -> str:
     """A TOML value's type and the value itself: 'a boolean (true)'."""
     if isinstance(value, bool):  # before int: bool is an int subclass
@@ -96,7 +102,7 @@ def describe(value: object) -> str:
     if isinstance(value, str):
         return f"a string ({show(value)})"
     if isinstance(value, int):
-        return f"an integer ({value})"
+        return f"an integer ({short_int(value)})"
     if isinstance(value, float):
         return f"a float ({value})"
     if isinstance(value, dict):
@@ -237,11 +243,18 @@ def as_int(value: object) -> int:
     return value
 
 
+# No count, port or limit in a unit file comes near this; a larger number is a
+# typo, and would only overflow somewhere further on (C ints, Ray resources).
+MAX_INT = 2**31 - 1
+
+
 def int_at_least(minimum: int) -> Callable[[object], int]:
     def convert(value: object) -> int:
         number = as_int(value)
         if number < minimum:
-            raise Invalid(f"must be at least {minimum}, got {number}")
+            raise Invalid(f"must be at least {minimum}, got {short_int(number)}")
+        if number > MAX_INT:
+            raise Invalid(f"must be at most {MAX_INT}, got {short_int(number)}")
         return number
 
     return convert

@@ -15,7 +15,6 @@ one (``KIND_PARSERS["model"] = parse_model``).
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from graphlib import CycleError, TopologicalSorter
@@ -39,11 +38,7 @@ from .errors import (
 from .service import SERVICE_TABLES, parse_service, section
 from .spec import ServiceSpec
 from .stack import parse_model, parse_stack
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from .tomlfile import TOO_DEEP, TomlFileError, check_values, read_toml
 
 
 class KindParser(Protocol):
@@ -234,7 +229,7 @@ def _parse_file(path: Path, context: Mapping[str, str] | None) -> tuple[_Parsed,
             'use only letters, digits, "-", "_", "." and "@"',
         )
     document = _read_toml(path, problems)
-    if document is None:
+    if document is None or not _check_values(document, problems):
         return _Parsed(name, str(path), (), None), problems.errors
     _check_top_level(document, problems)
     unit = section(problems, document, "unit", UNIT_KEYS)
@@ -260,15 +255,26 @@ def _parse_file(path: Path, context: Mapping[str, str] | None) -> tuple[_Parsed,
 
 def _read_toml(path: Path, problems: Problems) -> dict[str, Any] | None:
     try:
-        with path.open("rb") as file:
-            return tomllib.load(file)
-    except tomllib.TOMLDecodeError as exc:
-        problems.add("", f"invalid TOML: {exc}", UnitSyntaxError)
-    except UnicodeDecodeError as exc:
-        problems.add("", f"not UTF-8 text: {exc}", UnitSyntaxError)
-    except OSError as exc:
+        return read_toml(path)
+    except FileNotFoundError as exc:  # removed since the directory was listed
         problems.add("", f"cannot read: {exc.strerror or exc}", UnitSyntaxError)
+    except TomlFileError as exc:
+        problems.add("", str(exc), UnitSyntaxError)
     return None
+
+
+def _check_values(document: dict[str, Any], problems: Problems) -> bool:
+    """Report NUL characters and values nested too deeply; False: read no further.
+
+    A NUL is reported at its key and the file is read on (every converter
+    may then assume there is none); below a value nested too deeply, the
+    converters are not run at all.
+    """
+    deep = False
+    for key, message in check_values(document):
+        problems.add(key, message)
+        deep = deep or message == TOO_DEEP
+    return not deep
 
 
 def _check_top_level(document: Mapping[str, Any], problems: Problems) -> None:

@@ -30,6 +30,7 @@ is a hub id and kept as written.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +44,12 @@ from .errors import (
     as_nonempty_str,
     as_str,
     as_table,
+    describe,
     int_at_least,
     show,
 )
 from .service import Placeholders, as_argv, as_environment, section
+from .tomlfile import DATE_TIME
 
 DISCOVERY = ("etcd", "file")
 REQUEST_PLANES = ("tcp", "nats")
@@ -233,8 +236,11 @@ def parse_model(
 
 def _model_path(path: str, problems: Problems) -> str:
     candidate = Path(problems.file).parent / path
-    if not Path(path).is_absolute() and candidate.is_dir():
-        return str(candidate.resolve())
+    try:
+        if not Path(path).is_absolute() and candidate.is_dir():
+            return str(candidate.resolve())
+    except OSError:  # a name too long to be a directory here: a hub id, or wrong either way
+        pass
     return path
 
 
@@ -256,12 +262,29 @@ def _role(table: Table, role: str) -> RoleSpec | None:
 def _engine_args(value: object) -> FrozenArgs:
     args = as_table(value)
     problems = []
-    for key in args:
-        if not key.replace("_", "").replace("-", "").isalnum():
+    for key, arg in args.items():
+        if not (key.isascii() and key.replace("_", "").replace("-", "").isalnum()):
             problems.append((f".{key}", f"not a flag name: {show(key)}"))
+        problems.extend((f".{key}{at}", message) for at, message in _flag_value_problems(arg))
     if problems:
         raise Invalid.many(problems)
     return freeze_args(args)
+
+
+def _flag_value_problems(value: object, at: str = "") -> list[tuple[str, str]]:
+    """What in an engine arg cannot become a command-line flag (JSON for tables and arrays).
+
+    Recursive: the loader has already refused values nested too deeply.
+    """
+    if isinstance(value, DATE_TIME):
+        return [(at, f"{describe(value)} cannot be passed to the engine; quote it as a string")]
+    if isinstance(value, float) and not math.isfinite(value) and at:
+        return [(at, f"{value} cannot be written in JSON; quote it as a string")]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _flag_value_problems(v, f"{at}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _flag_value_problems(v, f"{at}[{i}]")]
+    return []
 
 
 def _env(table: Table, fill: Placeholders) -> tuple[tuple[str, str], ...]:
