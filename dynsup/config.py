@@ -22,18 +22,13 @@ gpus_per_node = -1             # GPUs of one node, for model units' multi-node T
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from .units.durations import parse_duration
-from .units.errors import Invalid
+from .units.errors import MAX_INT, Invalid, short_int
+from .units.tomlfile import TomlFileError, check_values, read_toml
 
 DEFAULT_CONFIG = Path("/etc/dynsup/dynsupd.toml")
 
@@ -97,6 +92,10 @@ def _check_table(path: Path, table: str, data: Any, keys: dict[str, Any]) -> lis
                 else expected.__name__
             )
             errors.append(f"{path}: {table}.{key}: expected {names}, got {type(value).__name__}")
+        elif keys[key] is int and value > MAX_INT:  # a typo; it would overflow further on
+            errors.append(
+                f"{path}: {table}.{key}: must be at most {MAX_INT}, got {short_int(value)}"
+            )
     return errors
 
 
@@ -107,11 +106,15 @@ def load_config(path: Path | None) -> DaemonConfig:
             return DaemonConfig()
         path = DEFAULT_CONFIG
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
+        data = read_toml(path)
+    except FileNotFoundError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except TomlFileError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    # NUL in a path or group name, or values nested too deeply: refused outright.
+    errors = [f"{path}: {key}: {message}" for key, message in check_values(data)]
+    if errors:
+        raise ConfigError("\n".join(errors))
     errors = [
         f"{path}: {key}: unknown table (known: daemon, ray)"
         for key in data
@@ -124,7 +127,8 @@ def load_config(path: Path | None) -> DaemonConfig:
     if isinstance(daemon, dict):
         if daemon.get("log_format", "auto") not in ("auto", "console", "json"):
             errors.append(f'{path}: daemon.log_format: expected "auto", "console" or "json"')
-        if not all(isinstance(u, str) for u in daemon.get("units", [])):
+        units = daemon.get("units", [])
+        if isinstance(units, list) and not all(isinstance(u, str) for u in units):
             errors.append(f"{path}: daemon.units: expected a list of directory paths")
         interval = daemon.get("journal_rate_limit_interval", 30.0)
         try:

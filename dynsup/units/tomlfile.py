@@ -59,17 +59,24 @@ def read_limited(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
         raise
     except OSError as exc:
         raise TomlFileError(f"cannot read: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as file:
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise TomlFileError("not a regular file")
-            data = file.read(max_bytes + 1)
-        except OSError as exc:
-            raise TomlFileError(f"cannot read: {exc.strerror or exc}") from None
-    if len(data) > max_bytes:
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TomlFileError("not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes:
+            chunk = os.read(fd, max_bytes + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise TomlFileError(f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if size > max_bytes:
         raise TomlFileError(f"larger than {max_bytes} bytes")
-    return data
+    return b"".join(chunks)
 
 
 def parse_toml(data: bytes) -> dict[str, Any]:
