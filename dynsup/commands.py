@@ -12,9 +12,10 @@ directories (file parsing) runs in a worker thread, off the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -27,6 +28,7 @@ from .control.protocol import (
     BAD_ARGUMENTS,
     BAD_CONFIG,
     BAD_NAME,
+    FAILED,
     SHUTTING_DOWN,
     CommandError,
     LogData,
@@ -39,7 +41,7 @@ from .engine.output import ChunkFollower
 from .engine.placement import PlacementFailed
 from .engine.states import SETTLED_STATES
 from .signals import parse_signal
-from .statefile import DesiredState
+from .statefile import DesiredState, StateWriteError
 from .units import UnitErrors
 from .units.spec import ServiceSpec
 
@@ -253,10 +255,13 @@ class Commands:
 
     # -- write verbs ---------------------------------------------------------
 
-    def _remember(self, name: str, wanted: bool) -> None:
-        spec = self._engine.specs.get(name)
-        if spec is not None:
-            self._desired.set(name, wanted, spec.autostart)
+    def _remember(self, names: Iterable[str], wanted: bool) -> None:
+        """Save the units' desired state first: a command whose write fails changes nothing."""
+        specs = self._engine.specs
+        with _saving():
+            self._desired.set_many(
+                (name, wanted, specs[name].autostart) for name in names if name in specs
+            )
 
     async def start(self, args: dict[str, Any]) -> dict[str, Any] | Stream:
         return await self._start(args, restart=False)
@@ -269,8 +274,7 @@ class Commands:
         wait = arg(args, "wait", bool, True)
         async with self._writing:
             self._check_running()
-            for name in names:
-                self._remember(name, True)
+            self._remember(names, True)
             followers: list[str] = []
             if restart:
 
@@ -315,8 +319,7 @@ class Commands:
     async def stop(self, args: dict[str, Any]) -> dict[str, Any]:
         names = self._select(args, empty_means_all=False)
         async with self._writing:
-            for name in names:
-                self._remember(name, False)
+            self._remember(names, False)
             selected = set(names)
             if selected == set(self._engine.names()):
                 await self._engine.stop_all()
@@ -357,8 +360,9 @@ class Commands:
             self._check_running()
             new_specs = await self._update_specs(wanted)
             await self._check_starts(new_specs)
+            with _saving():
+                self._desired.forget_except(set(new_specs))
             plan = await self._engine.apply(new_specs)
-            self._desired.forget_except(set(new_specs))
         return {**plan_result(plan), "applied": True}
 
     async def _update_specs(self, wanted: list[str]) -> dict[str, ServiceSpec]:
@@ -408,8 +412,17 @@ class Commands:
             merged = {n: s for n, s in current.items() if not _worker_of(n, prefix)}
             merged.update({n: s for n, s in new_specs.items() if _worker_of(n, prefix)})
             await self._check_starts(merged)
-            plan = await self._engine.apply(merged)
-            self._desired.set_replicas(target, count)
+            before = self._desired.replicas.get(target)
+            with _saving():
+                self._desired.set_replicas(target, count)
+            try:
+                plan = await self._engine.apply(merged)
+            except BaseException:
+                # Refused: the saved count must not outlive the refusal. If even
+                # that write fails, the refusal is still what the client hears.
+                with contextlib.suppress(StateWriteError):
+                    self._desired.set_replicas(target, before)
+                raise
         return {**plan_result(plan), "applied": True, "replicas": count}
 
     async def gpus(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -441,7 +454,8 @@ class Commands:
         """The unit directories read again, in a worker thread (a 5 MB directory
         must not stall the other clients)."""
         try:
-            return await anyio.to_thread.run_sync(lambda: self._reread(**overrides))
+            with _saving():  # rereading saves the models' port blocks
+                return await anyio.to_thread.run_sync(lambda: self._reread(**overrides))
         except UnitErrors as exc:
             errors = [str(e) for e in exc.errors]
             raise CommandError(
@@ -460,6 +474,15 @@ class Commands:
     def _check_running(self) -> None:
         if self._shutting_down:
             raise CommandError(SHUTTING_DOWN, "dynsupd is shutting down")
+
+
+@contextlib.contextmanager
+def _saving() -> Iterator[None]:
+    """A failed write of state.toml refuses the command (nothing was changed)."""
+    try:
+        yield
+    except StateWriteError as exc:
+        raise CommandError(FAILED, f"{exc}; nothing was changed") from None
 
 
 def _worker_of(name: str, prefix: str) -> bool:

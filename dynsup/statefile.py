@@ -1,24 +1,60 @@
 """Desired state that survives the daemon: which units were stopped or started by hand.
 
-Written atomically (temporary file, fsync, rename) in the state directory,
-so a crash mid-write leaves the old file whole.
+``state.toml`` in the state directory::
+
+    format = 2
+    [wanted]            # unit name -> started (true) or stopped (false) by hand
+    [replicas]          # "MODEL" or "MODEL:ROLE" -> count set by `dynsupctl scale`
+    [port_blocks]       # model unit -> first port of its block
+    # end of dynsup state
+
+Two promises:
+
+* **Memory and disk never diverge.** Each change computes the new content,
+  writes it atomically (temporary file, fsync, rename, fsync of the
+  directory) and only then updates memory. A write that fails raises
+  :class:`StateWriteError` and changes nothing, so it is never "written
+  later" by the next successful change either.
+* **A damaged file cannot lie or keep the daemon down.** The file is checked
+  like a unit file (tables, types, unit names, ranges; the end marker shows
+  a truncated file). One that fails (invalid UTF-8 or TOML, a wrong shape,
+  a directory in its place, cut short) is renamed to
+  ``state.toml.corrupt-<UTC time>``, one ``state.corrupt`` error event says
+  so, and the daemon starts from the unit files.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+import re
 import tempfile
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import structlog
 import tomli_w
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .units.errors import MAX_INT
+from .units.tomlfile import TomlFileError, parse_toml, read_limited
+
+log = structlog.get_logger("dynsup.state")
 
 STATE_FILE = "state.toml"
+FORMAT = 2  # 1: files without "format" and the end marker (read as they are)
+END_MARK = "# end of dynsup state\n"
+# The names a unit file may give a unit (units.loader), with ":ROLE" for replicas.
+_UNIT_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
+_POOL = re.compile(r"[A-Za-z0-9_.@-]+(:(prefill|decode))?")
+
+
+class StateWriteError(Exception):
+    """``state.toml`` could not be written; memory was left as it was."""
+
+
+class CorruptState(ValueError):
+    """``state.toml`` is not a state file this daemon wrote; the message says why."""
 
 
 class DesiredState:
@@ -34,68 +70,162 @@ class DesiredState:
 
     @classmethod
     def load(cls, state_dir: Path) -> DesiredState:
+        """The saved state; an empty one when there is none or it was corrupt (moved aside)."""
         state = cls(state_dir / STATE_FILE)
         try:
-            data = tomllib.loads(state.path.read_text())
+            data = read_limited(state.path)
         except FileNotFoundError:
             return state
-        except (OSError, tomllib.TOMLDecodeError):
-            # A damaged state file must not keep the daemon down: start from the unit files.
+        except TomlFileError as exc:  # a directory or FIFO in its place, too large, EIO
+            state._set_aside(str(exc))
             return state
-        for name, wanted in data.get("wanted", {}).items():
-            if isinstance(wanted, bool):
-                state.overrides[name] = wanted
-        for key, count in data.get("replicas", {}).items():
-            if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-                state.replicas[key] = count
-        for name, port in data.get("port_blocks", {}).items():
-            if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
-                state.port_blocks[name] = port
+        try:
+            state.overrides, state.replicas, state.port_blocks = _validate(parse_toml(data), data)
+        except (TomlFileError, CorruptState) as exc:
+            state._set_aside(str(exc))
         return state
 
-    def set_replicas(self, key: str, count: int) -> None:
-        self.replicas[key] = count
-        self.save()
+    def _set_aside(self, reason: str) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path.with_name(f"{STATE_FILE}.corrupt-{stamp}")
+        try:
+            os.rename(self.path, aside)
+            moved_to: str | None = str(aside)
+        except OSError as exc:
+            moved_to = None
+            reason = f"{reason}; and it cannot be moved aside: {exc.strerror or exc}"
+        log.error(
+            "state.corrupt",
+            path=str(self.path),
+            moved_to=moved_to,
+            reason=reason,
+            action="starting from the unit files",
+        )
 
-    def remember_port_blocks(self, blocks: dict[str, int]) -> None:
-        """The blocks of the models that exist now (a removed model's is forgotten)."""
-        if blocks != self.port_blocks:
-            self.port_blocks = dict(blocks)
-            self.save()
+    # -- reading -------------------------------------------------------------
 
     def wants(self, name: str, autostart: bool) -> bool:
         return self.overrides.get(name, autostart)
 
+    # -- changes: written first, then applied to memory ------------------------
+
     def set(self, name: str, wanted: bool, autostart: bool) -> None:
-        if wanted == autostart:
-            self.overrides.pop(name, None)
-        else:
-            self.overrides[name] = wanted
-        self.save()
+        self.set_many([(name, wanted, autostart)])
+
+    def set_many(self, changes: Iterable[tuple[str, bool, bool]]) -> None:
+        """(name, wanted, autostart) for each unit, in one write: all or nothing."""
+        overrides = dict(self.overrides)
+        for name, wanted, autostart in changes:
+            if wanted == autostart:
+                overrides.pop(name, None)
+            else:
+                overrides[name] = wanted
+        if overrides != self.overrides:
+            self._commit(overrides=overrides)
+
+    def set_replicas(self, key: str, count: int | None) -> None:
+        """Save a pool's replica count (None: back to the unit file's)."""
+        if self.replicas.get(key) != count:
+            replicas = {k: v for k, v in self.replicas.items() if k != key}
+            if count is not None:
+                replicas[key] = count
+            self._commit(replicas=replicas)
+
+    def remember_port_blocks(self, blocks: Mapping[str, int]) -> None:
+        """The blocks of the models that exist now (a removed model's is forgotten)."""
+        if dict(blocks) != self.port_blocks:
+            self._commit(port_blocks=dict(blocks))
 
     def forget_except(self, names: set[str]) -> None:
-        stale = set(self.overrides) - names
-        for name in stale:
-            del self.overrides[name]
-        if stale:
-            self.save()
+        kept = {name: wanted for name, wanted in self.overrides.items() if name in names}
+        if kept != self.overrides:
+            self._commit(overrides=kept)
 
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = tomli_w.dumps(
-            {
-                "wanted": dict(sorted(self.overrides.items())),
-                "replicas": dict(sorted(self.replicas.items())),
-                "port_blocks": dict(sorted(self.port_blocks.items())),
-            }
+    def _commit(
+        self,
+        *,
+        overrides: dict[str, bool] | None = None,
+        replicas: dict[str, int] | None = None,
+        port_blocks: dict[str, int] | None = None,
+    ) -> None:
+        new = (
+            self.overrides if overrides is None else overrides,
+            self.replicas if replicas is None else replicas,
+            self.port_blocks if port_blocks is None else port_blocks,
         )
-        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.path.parent)
+        write_atomically(self.path, _render(*new))
+        self.overrides, self.replicas, self.port_blocks = new
+
+
+def write_atomically(path: Path, payload: str) -> None:
+    """Replace ``path`` with ``payload``, whole or not at all; StateWriteError on failure."""
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=path.parent)
+        with os.fdopen(fd, "w") as out:
+            out.write(payload)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        # The rename itself must survive a power cut too.
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            with os.fdopen(fd, "w") as out:
-                out.write(payload)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise StateWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-            raise
+
+
+def _render(overrides: dict[str, bool], replicas: dict[str, int], blocks: dict[str, int]) -> str:
+    document = {
+        "format": FORMAT,
+        "wanted": dict(sorted(overrides.items())),
+        "replicas": dict(sorted(replicas.items())),
+        "port_blocks": dict(sorted(blocks.items())),
+    }
+    return tomli_w.dumps(document) + END_MARK
+
+
+def _validate(
+    document: dict[str, Any], raw: bytes
+) -> tuple[dict[str, bool], dict[str, int], dict[str, int]]:
+    """The three tables of a state file, checked; raises CorruptState."""
+    unknown = set(document) - {"format", "wanted", "replicas", "port_blocks"}
+    if unknown:
+        raise CorruptState(f"unknown keys: {_cut(', '.join(sorted(unknown)))}")
+    version = document.get("format", 1)
+    if version not in (1, FORMAT) or isinstance(version, bool):
+        raise CorruptState(f"format: expected 1 or {FORMAT}, got {_cut(version)}")
+    if version == FORMAT and not raw.endswith(END_MARK.encode()):
+        raise CorruptState("truncated: the end marker is missing")
+    wanted = _table(document, "wanted", _UNIT_NAME, lambda v: isinstance(v, bool), "a boolean")
+    replicas = _table(document, "replicas", _POOL, _count(0, MAX_INT), "an integer >= 0")
+    blocks = _table(document, "port_blocks", _UNIT_NAME, _count(1, 65535), "a port 1..65535")
+    return wanted, replicas, blocks
+
+
+def _count(low: int, high: int) -> Any:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _table(document: dict[str, Any], name: str, keys: re.Pattern[str], ok: Any, what: str) -> Any:
+    table = document.get(name, {})
+    if not isinstance(table, dict):
+        raise CorruptState(f"{name}: expected a table")
+    for key, value in table.items():
+        if not keys.fullmatch(key):
+            raise CorruptState(f"{name}: {_cut(key)} is not a unit name")
+        if not ok(value):
+            raise CorruptState(f"{name}.{key}: expected {what}, got {_cut(value)}")
+    return dict(table)
+
+
+def _cut(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:40] + "…"
