@@ -857,3 +857,22 @@ async def test_socket_group_members_may_write(
         assert await call_as(other_users[NOBODY], sock_path, "status") == {
             "unreachable": "permission denied"
         }
+
+
+def test_names_given_twice_are_taken_once_in_order() -> None:
+    names = protocol.names_arg({"names": ["b", "a", "b", "c", "a"]})
+    assert names == ["b", "a", "c"]
+
+
+def test_request_naming_more_units_than_the_cap_is_bad_arguments() -> None:
+    names = [f"u{i}" for i in range(protocol.MAX_NAMES + 1)]
+    with pytest.raises(CommandError) as caught:
+        protocol.names_arg({"names": names})
+    assert caught.value.code == protocol.BAD_ARGUMENTS
+    assert f"at most {protocol.MAX_NAMES} names" in caught.value.message
+
+
+def test_request_with_a_name_longer_than_a_file_name_is_bad_arguments() -> None:
+    with pytest.raises(CommandError) as caught:
+        protocol.names_arg({"names": ["x" * 256]})
+    assert caught.value.code == protocol.BAD_ARGUMENTS

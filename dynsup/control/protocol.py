@@ -263,9 +263,23 @@ def arg(
     return value
 
 
+# Names per request: far above any real stack, low enough that checking them
+# is cheap. A unit name is a file name, so it has at most 255 bytes.
+MAX_NAMES = 10_000
+MAX_NAME_LENGTH = 255
+
+
 def names_arg(args: dict[str, Any], key: str = "names") -> list[str]:
-    """A list of unit names (empty or absent: all units, by convention of every verb)."""
+    """A list of unit names, each once in the order given (empty or absent: all
+    units, by convention of every verb)."""
     names = arg(args, key, list, [])
-    if not all(isinstance(name, str) for name in names):
-        raise CommandError(BAD_ARGUMENTS, f'argument "{key}": expected a list of strings')
-    return names
+    if len(names) > MAX_NAMES:
+        raise CommandError(
+            BAD_ARGUMENTS, f'argument "{key}": at most {MAX_NAMES} names, got {len(names)}'
+        )
+    if not all(isinstance(name, str) and len(name) <= MAX_NAME_LENGTH for name in names):
+        raise CommandError(
+            BAD_ARGUMENTS,
+            f'argument "{key}": expected a list of names of at most {MAX_NAME_LENGTH} characters',
+        )
+    return list(dict.fromkeys(names))
