@@ -4,12 +4,23 @@ Each probe is an async function that returns once the unit is ready, retrying
 every `interval`; the caller bounds it with the probe's timeout and cancels it
 when the process exits first. Expected failures (refused connections, non-2xx
 answers, a command exiting non-zero) are retried; nothing here raises for them.
+Any answer that breaks the protocol (garbage chunk sizes, a connection closed
+mid-headers, something that is not HTTP) counts as "not ready", the way httpx
+maps transport errors where they enter.
+
+An exec probe runs in a session of its own; when it overruns (or the probe is
+cancelled) its whole process group is killed and the probe reaped, so a
+hanging probe leaves neither zombies nor grandchildren.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
@@ -21,6 +32,11 @@ from .units.spec import ProbeKind, ReadySpec
 LineSource = Callable[[], AsyncIterator[str]]
 
 _MAX_BODY = 4 << 20
+_EXEC_TIMEOUT_MIN = 5.0
+
+
+class BadAnswer(OSError):
+    """The peer's answer is not the HTTP we asked for: the probe fails, it never raises."""
 
 
 async def wait_ready(spec: ReadySpec, lines: LineSource | None = None) -> None:
@@ -85,20 +101,30 @@ async def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
                     received += await stream.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 pass
-    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    head, complete, body = bytes(received).partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].split()
-    if len(status_line) < 2 or not status_line[1].isdigit():
-        raise OSError(f"not an HTTP answer from {url}")
+    if not complete or len(status_line) < 2 or not status_line[0].startswith(b"HTTP/"):
+        raise BadAnswer(f"not an HTTP answer from {url}")
+    code = status_line[1]
+    if not (len(code) == 3 and code.isdigit()):  # bytes.isdigit(): ASCII only
+        raise BadAnswer(f"bad status code from {url}")
     if b"transfer-encoding: chunked" in head.lower():
         body = _dechunk(body)
-    return int(status_line[1]), body
+    return int(code), body
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 def _dechunk(body: bytes) -> bytes:
+    """The body of a chunked answer; BadAnswer when a chunk size is not hex."""
     out = bytearray()
     while body:
         size_line, _, rest = body.partition(b"\r\n")
-        size = int(size_line.split(b";")[0] or b"0", 16)
+        size_text = size_line.split(b";")[0].strip()
+        if not size_text or len(size_text) > 16 or not set(size_text) <= _HEX:
+            raise BadAnswer(f"bad chunk size {size_line[:40]!r}")
+        size = int(size_text, 16)
         if size == 0:
             break
         out += rest[:size]
@@ -109,7 +135,7 @@ def _dechunk(body: bytes) -> bytes:
 async def _http_ok(url: str) -> bool:
     try:
         status, _ = await http_get(url)
-    except (OSError, TimeoutError):
+    except (OSError, TimeoutError, ValueError):
         return False
     return 200 <= status < 300
 
@@ -125,9 +151,32 @@ async def _models_ok(url: str, names: tuple[str, ...]) -> bool:
 
 async def _exec_ok(argv: tuple[str, ...], interval: float) -> bool:
     try:
-        with anyio.move_on_after(max(interval * 10, 5.0)):
-            result = await anyio.run_process(list(argv), check=False)
-            return result.returncode == 0
-    except OSError:
+        process = await anyio.open_process(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # a chatty probe must not fill the daemon's memory
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its children are its group: killed with it
+        )
+    except (OSError, ValueError):
         return False
-    return False
+    returncode: int | None = None
+    try:
+        with anyio.move_on_after(max(interval * 10, _EXEC_TIMEOUT_MIN)):
+            returncode = await process.wait()
+    finally:
+        # Overran or cancelled: the whole group goes, and the probe is reaped
+        # even when the unit's scope is being cancelled. Only then: once the
+        # leader is reaped its pid (= the group id) may be reused by a new unit.
+        with anyio.CancelScope(shield=True):
+            if returncode is None:
+                _kill_group(process.pid)
+                await process.wait()
+            await process.aclose()
+    return returncode == 0
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL to the probe's process group, grandchildren included."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
