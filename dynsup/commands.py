@@ -255,13 +255,18 @@ class Commands:
 
     # -- write verbs ---------------------------------------------------------
 
-    def _remember(self, names: Iterable[str], wanted: bool) -> None:
+    async def _remember(self, names: Iterable[str], wanted: bool) -> None:
         """Save the units' desired state first: a command whose write fails changes nothing."""
         specs = self._engine.specs
+        changes = [(name, wanted, specs[name].autostart) for name in names if name in specs]
+        await self._save(self._desired.set_many, changes)
+
+    @staticmethod
+    async def _save(change: Callable[..., None], *args: Any) -> None:
+        """Write state.toml in a worker thread (its fsyncs must not stall the event
+        loop); a failed write refuses the command, and nothing was changed."""
         with _saving():
-            self._desired.set_many(
-                (name, wanted, specs[name].autostart) for name in names if name in specs
-            )
+            await anyio.to_thread.run_sync(change, *args)
 
     async def start(self, args: dict[str, Any]) -> dict[str, Any] | Stream:
         return await self._start(args, restart=False)
@@ -274,7 +279,7 @@ class Commands:
         wait = arg(args, "wait", bool, True)
         async with self._writing:
             self._check_running()
-            self._remember(names, True)
+            await self._remember(names, True)
             followers: list[str] = []
             if restart:
 
@@ -319,7 +324,7 @@ class Commands:
     async def stop(self, args: dict[str, Any]) -> dict[str, Any]:
         names = self._select(args, empty_means_all=False)
         async with self._writing:
-            self._remember(names, False)
+            await self._remember(names, False)
             selected = set(names)
             if selected == set(self._engine.names()):
                 await self._engine.stop_all()
@@ -360,8 +365,7 @@ class Commands:
             self._check_running()
             new_specs = await self._update_specs(wanted)
             await self._check_starts(new_specs)
-            with _saving():
-                self._desired.forget_except(set(new_specs))
+            await self._save(self._desired.forget_except, set(new_specs))
             plan = await self._engine.apply(new_specs)
         return {**plan_result(plan), "applied": True}
 
@@ -413,15 +417,14 @@ class Commands:
             merged.update({n: s for n, s in new_specs.items() if _worker_of(n, prefix)})
             await self._check_starts(merged)
             before = self._desired.replicas.get(target)
-            with _saving():
-                self._desired.set_replicas(target, count)
+            await self._save(self._desired.set_replicas, target, count)
             try:
                 plan = await self._engine.apply(merged)
             except BaseException:
                 # Refused: the saved count must not outlive the refusal. If even
                 # that write fails, the refusal is still what the client hears.
-                with contextlib.suppress(StateWriteError):
-                    self._desired.set_replicas(target, before)
+                with anyio.CancelScope(shield=True), contextlib.suppress(CommandError):
+                    await self._save(self._desired.set_replicas, target, before)
                 raise
         return {**plan_result(plan), "applied": True, "replicas": count}
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,6 +68,9 @@ class DesiredState:
         self.replicas: dict[str, int] = {}
         # Each model unit's port block, kept across reloads and restarts.
         self.port_blocks: dict[str, int] = {}
+        # Changes are written from worker threads (fsync stays off the event
+        # loop): one read-modify-write at a time.
+        self._lock = threading.RLock()
 
     @classmethod
     def load(cls, state_dir: Path) -> DesiredState:
@@ -114,32 +118,36 @@ class DesiredState:
 
     def set_many(self, changes: Iterable[tuple[str, bool, bool]]) -> None:
         """(name, wanted, autostart) for each unit, in one write: all or nothing."""
-        overrides = dict(self.overrides)
-        for name, wanted, autostart in changes:
-            if wanted == autostart:
-                overrides.pop(name, None)
-            else:
-                overrides[name] = wanted
-        if overrides != self.overrides:
-            self._commit(overrides=overrides)
+        with self._lock:
+            overrides = dict(self.overrides)
+            for name, wanted, autostart in changes:
+                if wanted == autostart:
+                    overrides.pop(name, None)
+                else:
+                    overrides[name] = wanted
+            if overrides != self.overrides:
+                self._commit(overrides=overrides)
 
     def set_replicas(self, key: str, count: int | None) -> None:
         """Save a pool's replica count (None: back to the unit file's)."""
-        if self.replicas.get(key) != count:
-            replicas = {k: v for k, v in self.replicas.items() if k != key}
-            if count is not None:
-                replicas[key] = count
-            self._commit(replicas=replicas)
+        with self._lock:
+            if self.replicas.get(key) != count:
+                replicas = {k: v for k, v in self.replicas.items() if k != key}
+                if count is not None:
+                    replicas[key] = count
+                self._commit(replicas=replicas)
 
     def remember_port_blocks(self, blocks: Mapping[str, int]) -> None:
         """The blocks of the models that exist now (a removed model's is forgotten)."""
-        if dict(blocks) != self.port_blocks:
-            self._commit(port_blocks=dict(blocks))
+        with self._lock:
+            if dict(blocks) != self.port_blocks:
+                self._commit(port_blocks=dict(blocks))
 
     def forget_except(self, names: set[str]) -> None:
-        kept = {name: wanted for name, wanted in self.overrides.items() if name in names}
-        if kept != self.overrides:
-            self._commit(overrides=kept)
+        with self._lock:
+            kept = {name: wanted for name, wanted in self.overrides.items() if name in names}
+            if kept != self.overrides:
+                self._commit(overrides=kept)
 
     def _commit(
         self,
