@@ -1,6 +1,10 @@
 """`dynsupd`: wire the rooms together and run in the foreground.
 
     dynsupd [--config FILE] [--socket PATH] [--state-dir DIR] [--log-format F] [UNIT_DIR...]
+    dynsupd --check [--json] [--config FILE] [UNIT_DIR...]
+
+`--check` validates the units and prints what would run (`dynsup.plan`),
+starting and binding nothing.
 
 Exit codes: 0 after an orderly shutdown (SIGTERM/SIGINT, `dynsupctl shutdown`),
 1 when another dynsupd already serves the socket, 2 when the configuration
@@ -47,6 +51,7 @@ from .logs import (
     configure_logging,
     journal_is_live,
 )
+from .plan import check_units
 from .sdnotify import Notifier
 from .statefile import DesiredState
 from .units import UnitErrors, load_units
@@ -86,6 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--socket", help="control socket path")
     parser.add_argument("--state-dir", help="state directory")
     parser.add_argument("--log-format", choices=["auto", "console", "json"])
+    parser.add_argument(
+        "--check", action="store_true", help="validate, print what would run, start nothing"
+    )
+    parser.add_argument("--json", action="store_true", help="--check: the plan as JSON")
     parser.add_argument("--version", action="version", version=f"dynsupd {__version__}")
     return parser.parse_args(argv)
 
@@ -427,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dynsupd: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    if args.check:
+        return check_units(settings, as_json=args.json)
     config = settings.config
     sender, journal = open_journal(
         RateLimit(config.journal_rate_limit_interval, config.journal_rate_limit_burst)

@@ -1,11 +1,12 @@
-"""Golden argv/env of the vLLM example stacks under ``units/``.
+"""Golden argv/env of the vLLM example stacks under ``units/``: what would be spawned.
 
-Each example directory is loaded with the real loader, the way dynsupd's
-``load_specs`` does (``load_units`` + ``expand_stack`` with a
-``StackContext``), for a node of 8 GPUs. vLLM is not installed here, so
-``python_module`` (which checks that a module is importable) is replaced
-for ``vllm`` and ``dynamo.vllm`` only; the frontend and etcd are located
-for real (the ``[dynamo]`` extra).
+Each example directory goes through ``dynsupd --check --json`` (the daemon's
+own parsing, settings and plan code, in process), for nodes of 8 GPUs, and
+the tests read the plan it prints: per process (every replica and rank) the
+argv and environment the agent is asked for. vLLM is not installed here, so
+``python_module`` (which checks that a module is importable) is replaced for
+``vllm`` and ``dynamo.vllm`` only; the frontend and etcd are located for
+real (the ``[dynamo]`` extra).
 
 The first part pins every command line and environment exactly; the
 second checks each flag on its own, for every worker of every pattern,
@@ -17,79 +18,42 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import textwrap
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import dynsup.dynamo.expand as expand_module
-from dynsup.dynamo import StackContext, expand_stack
 from dynsup.dynamo.binaries import etcd_binary, python_module
-from dynsup.units import (
-    ProbeKind,
-    ReadySpec,
-    RestartPolicy,
-    ServiceSpec,
-    UnitErrors,
-    load_units,
-)
+from dynsup.dynamo.releases import installed_release
+from dynsup.units import ProbeKind, ReadySpec, RestartPolicy
+
+from .check_helpers import PY, STATE, UNITS, Process, fake_vllm, load, load_errors
 
 pytestmark = pytest.mark.dynamo
 
-UNITS = Path(__file__).resolve().parents[1] / "units"
-STATE = "/var/lib/dynsup"
-PY = sys.executable
 QWEN = "Qwen/Qwen3-0.6B"
 QWEN_SLUG = "qwen_qwen3_0_6b"
 DEEPSEEK = "deepseek-ai/DeepSeek-R1"
-NIXL = '{"kv_connector":"NixlConnector","kv_role":"kv_both"}'
+RELEASE = installed_release()
+NIXL_ROLE = {"agg": None, **RELEASE.kv_roles}
 EVENTS_OFF = '{"enable_kv_cache_events":false}'
 UNSET = ("DYN_*", "ETCD_*", "NATS_*")
-VLLM_MODULES = ("vllm", "dynamo.vllm")
 
 
-# --- loading, as the daemon does -----------------------------------------------
+def nixl(role: str) -> str:
+    return f'{{"kv_connector":"NixlConnector","kv_role":"{NIXL_ROLE[role]}"}}'
+
+
+# --- the plan, as dynsupd --check --json prints it (see check_helpers) -------------
 
 
 @pytest.fixture(autouse=True)
 def vllm_installed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Pretend vLLM is installed: ``python_module`` answers for it without a lookup.
-
-    Every other module is located for real. Returns the modules asked for.
-    (A seam in ``StackContext`` would make this a plain argument; see the report.)
-    """
-    asked: list[str] = []
-
-    def locate(module: str) -> list[str]:
-        asked.append(module)
-        if module in VLLM_MODULES:
-            return [PY, "-m", module]
-        return python_module(module)
-
-    monkeypatch.setattr(expand_module, "python_module", locate)
-    return asked
-
-
-def load(
-    *dirs: Path, replicas: dict[str, int] | None = None, gpus_per_node: int | None = 8
-) -> dict[str, ServiceSpec]:
-    """The specs of unit directories, loaded exactly as ``daemon.load_specs`` does."""
-    ctx = StackContext(state_dir=STATE, gpus_per_node=gpus_per_node, replicas=replicas or {})
-    return load_units(
-        list(dirs),
-        context={"state_dir": STATE},
-        expand=lambda services, others: expand_stack(services, others, ctx),
-    )
-
-
-def load_errors(*dirs: Path, **kwargs: Any) -> list[str]:
-    with pytest.raises(UnitErrors) as caught:
-        load(*dirs, **kwargs)
-    return [str(error) for error in caught.value.errors]
+    return fake_vllm(monkeypatch)
 
 
 def copy_example(name: str, tmp_path: Path) -> Path:
@@ -193,14 +157,14 @@ def workers_of(pattern: str) -> list[Worker]:
     return [w for w in WORKERS if w.pattern == pattern]
 
 
-_CACHE: dict[str, dict[str, ServiceSpec]] = {}
+_CACHE: dict[str, dict[str, Process]] = {}
 
 
 @pytest.fixture
-def stack() -> Callable[[str], dict[str, ServiceSpec]]:
+def stack() -> Callable[[str], dict[str, Process]]:
     """The specs of an example directory (loaded once per session, under the fake)."""
 
-    def get(pattern: str) -> dict[str, ServiceSpec]:
+    def get(pattern: str) -> dict[str, Process]:
         if pattern not in _CACHE:
             _CACHE[pattern] = load(UNITS / pattern)
         return _CACHE[pattern]
@@ -209,7 +173,7 @@ def stack() -> Callable[[str], dict[str, ServiceSpec]]:
 
 
 @pytest.fixture(params=WORKERS, ids=lambda w: w.id)
-def worker(request: pytest.FixtureRequest, stack: Any) -> Iterator[tuple[Worker, ServiceSpec]]:
+def worker(request: pytest.FixtureRequest, stack: Any) -> Iterator[tuple[Worker, Process]]:
     expected: Worker = request.param
     yield expected, stack(expected.pattern)[expected.name]
 
@@ -222,14 +186,14 @@ def value_of(argv: tuple[str, ...], flag: str) -> str:
     return argv[index + 1]
 
 
-def port(spec: ServiceSpec) -> int:
+def port(spec: Process) -> int:
     return int(spec.env["DYN_SYSTEM_PORT"])
 
 
 # --- golden: every command line and environment exactly ---------------------------
 
 
-def etcd_golden() -> ServiceSpec:
+def etcd_golden() -> Process:
     command = (
         etcd_binary(),
         "--name", "dynsup",
@@ -242,19 +206,19 @@ def etcd_golden() -> ServiceSpec:
         "--heartbeat-interval", "10",
         "--election-timeout", "100",
     )  # fmt: skip
-    return ServiceSpec(
+    return Process(
         name="etcd",
-        description="etcd for Dynamo discovery",
         command=command,
-        restart=RestartPolicy.ALWAYS,
-        restart_delay=0.1,
-        restart_delay_max=5.0,
-        start_limit_burst=20,
-        start_limit_interval=60.0,
-        stop_timeout=10.0,
-        ready=ReadySpec(kind=ProbeKind.HTTP, target="http://127.0.0.1:2379/health", timeout=30),
+        env={},
         unset_env=UNSET,
         ports=(2379, 2380),
+        gpus=0,
+        requires=(),
+        ready=ReadySpec(kind=ProbeKind.HTTP, target="http://127.0.0.1:2379/health", timeout=30),
+        restart=RestartPolicy.ALWAYS,
+        stop_timeout=10.0,
+        source="{units}/stack.toml (implicit etcd)",
+        ranks=(),
     )
 
 
@@ -277,7 +241,10 @@ def test_golden_units_and_infrastructure(pattern: str, stack: Any) -> None:
     specs = stack(pattern)
     mode, migration = PATTERNS[pattern]
     assert sorted(specs) == sorted(["etcd", "frontend", *(w.name for w in workers_of(pattern))])
-    assert specs["etcd"] == etcd_golden()
+    etcd, golden = specs["etcd"], etcd_golden()
+    assert replace(etcd, ranks=()) == replace(
+        golden, source=golden.source.format(units=UNITS / pattern)
+    )
     command = [
         PY, "-m", "dynamo.frontend",
         "--http-host", "127.0.0.1",
@@ -358,7 +325,7 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
             "--disaggregation-mode", "prefill",
             "--tensor-parallel-size", "1",
             "--kv-events-config", EVENTS_OFF,
-            "--kv-transfer-config", NIXL,
+            "--kv-transfer-config", nixl("prefill"),
             *QWEN_AGG_ARGS,
         ),
         {
@@ -376,7 +343,7 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
             "--disaggregation-mode", "decode",
             "--tensor-parallel-size", "1",
             "--kv-events-config", EVENTS_OFF,
-            "--kv-transfer-config", NIXL,
+            "--kv-transfer-config", nixl("decode"),
             *QWEN_AGG_ARGS,
         ),
         {
@@ -397,7 +364,7 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
                 "--kv-events-config",
                 '{"publisher":"zmq","topic":"kv-events","endpoint":"tcp://*:'
                 f'{21601 + 4 * i}","enable_kv_cache_events":true}}',
-                "--kv-transfer-config", NIXL,
+                "--kv-transfer-config", nixl("prefill"),
                 *QWEN_ROUTER_ARGS,
                 "--max-num-batched-tokens", "16384",
                 "--max-num-seqs", "16",
@@ -419,7 +386,7 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
             "--disaggregation-mode", "decode",
             "--tensor-parallel-size", "1",
             "--kv-events-config", EVENTS_OFF,
-            "--kv-transfer-config", NIXL,
+            "--kv-transfer-config", nixl("decode"),
             "--block-size", "16",
             "--enforce-eager",
             "--gpu-memory-utilization", "0.9",
@@ -442,12 +409,20 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
             "--kv-events-config", EVENTS_OFF,
             "--gpu-memory-utilization", "0.9",
             "--max-model-len", "32768",
-            "--nnodes", "{ranks}",
-            "--node-rank", "{rank}",
+            # Rank 0's, as the gang fills the placeholders (rank 0's address
+            # is known once placed); rank 1's: test_ranks.
+            "--nnodes", "2",
+            "--node-rank", "0",
             "--master-addr", "{rank0_addr}",
             "--master-port", "21002",
         ),
-        {"DYN_SYSTEM_PORT": "21000"},
+        {
+            "DYN_SYSTEM_PORT": "21000",
+            # The gang tells each rank where it stands.
+            "DYNSUP_RANK": "0",
+            "DYNSUP_RANKS": "2",
+            "DYNSUP_RANK0_ADDR": "{rank0_addr}",
+        },
         (21000, 21002),
     ),
 }  # fmt: skip
@@ -457,7 +432,7 @@ def test_golden_covers_every_worker() -> None:
     assert sorted(GOLDEN_WORKERS) == sorted(w.id for w in WORKERS)
 
 
-def test_golden_worker(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_golden_worker(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     argv, env, ports = GOLDEN_WORKERS[expected.id]
     assert spec.command == (PY, "-m", "dynamo.vllm", *argv)
@@ -465,50 +440,54 @@ def test_golden_worker(worker: tuple[Worker, ServiceSpec]) -> None:
         **common_env(expected.namespace, PATTERNS[expected.pattern][0] == "kv"),
         "DYN_SYSTEM_HOST": "127.0.0.1",
         "DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS": '["generate"]',
+        # What placement adds: the bundle's GPUs (known once placed).
+        "CUDA_VISIBLE_DEVICES": "{gpus:0}",
+        "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
         **env,
     }
     assert spec.ports == ports
     assert spec.unset_env == UNSET
     assert spec.restart is RestartPolicy.ALWAYS
-    assert spec.stop_timeout == (120.0 if expected.nnodes else 60.0)
+    # Dynamo's graceful shutdown (grace, shutdown steps) plus vLLM's teardown.
+    assert spec.stop_timeout == (120.0 if expected.nnodes else RELEASE.vllm_stop_timeout({}))
 
 
 # --- flag by flag, every worker of every pattern -----------------------------------
 
 
-def test_runs_dynamo_vllm(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_runs_dynamo_vllm(worker: tuple[Worker, Process]) -> None:
     _, spec = worker
     assert spec.command[:3] == (PY, "-m", "dynamo.vllm")
     assert "--model-path" not in spec.command  # the mocker's flag, not vLLM's
 
 
-def test_model(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_model(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     assert value_of(spec.command, "--model") == expected.model
 
 
-def test_served_model_name(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_served_model_name(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     assert value_of(spec.command, "--served-model-name") == expected.model
 
 
-def test_endpoint(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_endpoint(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     endpoint = value_of(spec.command, "--endpoint")
     assert endpoint == f"dyn://{expected.namespace}.{expected.component}.generate"
 
 
-def test_discovery_backend(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_discovery_backend(worker: tuple[Worker, Process]) -> None:
     _, spec = worker
     assert value_of(spec.command, "--discovery-backend") == "etcd"
 
 
-def test_tensor_parallel_size(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_tensor_parallel_size(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     assert value_of(spec.command, "--tensor-parallel-size") == str(expected.tp)
 
 
-def test_kv_events_config(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_kv_events_config(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     events = json.loads(value_of(spec.command, "--kv-events-config"))
     if not expected.publishes:
@@ -534,16 +513,16 @@ def test_kv_event_ports_distinct_per_worker(pattern: str, stack: Any) -> None:
     assert len(set(endpoints)) == len(endpoints)
 
 
-def test_kv_transfer_config(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_kv_transfer_config(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     if expected.role == "agg":
         assert "--kv-transfer-config" not in spec.command
     else:
         transfer = json.loads(value_of(spec.command, "--kv-transfer-config"))
-        assert transfer == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+        assert transfer == {"kv_connector": "NixlConnector", "kv_role": NIXL_ROLE[expected.role]}
 
 
-def test_disaggregation_mode(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_disaggregation_mode(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     if expected.role == "agg":
         assert "--disaggregation-mode" not in spec.command
@@ -555,7 +534,7 @@ def test_disaggregation_mode(worker: tuple[Worker, ServiceSpec]) -> None:
     assert "--connector" not in spec.command
 
 
-def test_engine_args(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_engine_args(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     tail = spec.command[-len(expected.engine_flags) - (8 if expected.nnodes else 0) :]
     assert tail[: len(expected.engine_flags)] == expected.engine_flags
@@ -564,7 +543,7 @@ def test_engine_args(worker: tuple[Worker, ServiceSpec]) -> None:
             assert spec.command.count(flag) == 1, flag
 
 
-def test_system_port_env(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_system_port_env(worker: tuple[Worker, Process]) -> None:
     _, spec = worker
     env = spec.env
     assert 1024 < port(spec) < 32768  # Dynamo 1.4.2 reads it as an i16
@@ -573,13 +552,13 @@ def test_system_port_env(worker: tuple[Worker, ServiceSpec]) -> None:
     assert env["DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS"] == '["generate"]'
 
 
-def test_pythonhashseed(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_pythonhashseed(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     kv = PATTERNS[expected.pattern][0] == "kv"
     assert spec.env.get("PYTHONHASHSEED") == ("0" if kv else None)
 
 
-def test_discovery_env(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_discovery_env(worker: tuple[Worker, Process]) -> None:
     _, spec = worker
     assert spec.env["ETCD_ENDPOINTS"] == "http://127.0.0.1:2379"
     assert "DYN_FILE_KV" not in spec.env
@@ -587,7 +566,7 @@ def test_discovery_env(worker: tuple[Worker, ServiceSpec]) -> None:
     assert spec.unset_env == UNSET
 
 
-def test_nixl_side_channel(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_nixl_side_channel(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     if expected.role == "agg":
         assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in spec.env
@@ -604,7 +583,7 @@ def test_nixl_ports_distinct_per_worker(pattern: str, stack: Any) -> None:
     assert len(set(nixl)) == len(nixl) >= 2
 
 
-def test_readiness(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_readiness(worker: tuple[Worker, Process]) -> None:
     _, spec = worker
     assert spec.ready is not None
     assert spec.ready.kind is ProbeKind.HTTP
@@ -612,32 +591,42 @@ def test_readiness(worker: tuple[Worker, ServiceSpec]) -> None:
     assert spec.ready.timeout >= 600  # loading weights and warming up takes minutes
 
 
-def test_requires(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_requires(worker: tuple[Worker, Process]) -> None:
     _, spec = worker
     assert spec.requires == ("etcd",)  # not the frontend: it discovers workers as they come
 
 
-def test_gpus(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_gpus(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     assert spec.gpus == expected.tp
 
 
-def test_ranks(worker: tuple[Worker, ServiceSpec]) -> None:
+def test_ranks(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     if not expected.nnodes:
         for flag in ("--nnodes", "--node-rank", "--master-addr", "--master-port", "--headless"):
             assert flag not in spec.command
-        assert spec.secondary_args == ()
+        assert [r.name for r in spec.ranks] == [expected.name]
         return
-    # The placement room fills {ranks}, {rank} and {rank0_addr} per rank.
-    assert value_of(spec.command, "--nnodes") == "{ranks}"
-    assert value_of(spec.command, "--node-rank") == "{rank}"
-    assert value_of(spec.command, "--master-addr") == "{rank0_addr}"
-    master = int(value_of(spec.command, "--master-port"))
-    assert master in spec.ports
-    assert master != port(spec)
-    assert spec.secondary_args == ("--headless",)
-    assert "--headless" not in spec.command  # rank 0 is the real Dynamo worker
+    # 16 GPUs on nodes of 8: two ranks, each on a bundle of 8 GPUs of its own node.
+    rank0, rank1 = spec.ranks
+    assert (rank0.name, rank1.name) == (expected.name, f"{expected.name}-r1")
+    assert value_of(rank0.command, "--nnodes") == value_of(rank1.command, "--nnodes") == "2"
+    assert value_of(rank0.command, "--node-rank") == "0"
+    assert value_of(rank1.command, "--node-rank") == "1"
+    for rank in spec.ranks:
+        assert value_of(rank.command, "--master-addr") == "{rank0_addr}"  # known once placed
+        master = int(value_of(rank.command, "--master-port"))
+        assert master in rank.ports
+        assert master != port(rank)
+        assert rank.env["CUDA_VISIBLE_DEVICES"] == f"{{gpus:{spec.ranks.index(rank)}}}"
+        assert rank.env["DYNSUP_RANK"] == str(spec.ranks.index(rank))
+    # Rank 0 is the real Dynamo worker; rank 1 only runs its share of the model.
+    assert "--headless" not in rank0.command
+    assert rank1.command[-1] == "--headless"
+    assert rank1.command.count("--headless") == 1
+    node_rank = rank0.command.index("--node-rank") + 1
+    assert rank1.command[:-1] == (*rank0.command[:node_rank], "1", *rank0.command[node_rank + 1 :])
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
@@ -682,7 +671,8 @@ def test_multinode_fits_one_node_when_nodes_are_big_enough() -> None:
     specs = load(UNITS / "multinode-tp", gpus_per_node=16)
     spec = specs["deepseek-0"]
     assert spec.gpus == 16
-    assert spec.secondary_args == ()
+    assert len(spec.ranks) == 1
+    assert "--headless" not in spec.command
     assert "--nnodes" not in spec.command
     assert value_of(spec.command, "--tensor-parallel-size") == "16"
 
@@ -696,7 +686,7 @@ def test_multinode_replicas_have_their_own_master_port() -> None:
 # --- the stack as a whole ---------------------------------------------------------------
 
 
-def all_ports(specs: dict[str, ServiceSpec]) -> list[int]:
+def all_ports(specs: dict[str, Process]) -> list[int]:
     return [p for spec in specs.values() for p in spec.ports]
 
 

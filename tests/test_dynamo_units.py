@@ -64,7 +64,7 @@ def test_the_model_directory_is_in_the_repository() -> None:
 @pytest.mark.parametrize("name", ["tiny-0", "tiny-1"])
 def test_worker_argv(specs: dict[str, ServiceSpec], name: str) -> None:
     assert specs[name].command == (
-        PY, "-m", "dynsup.dynamo.mocker_launcher",  # dynamo.mocker, started faster
+        PY, "-m", "dynamo.mocker",
         "--model-path", str(DEMO / "model"),
         "--model-name", "tiny",
         "--endpoint", "dyn://demo.tiny.generate",

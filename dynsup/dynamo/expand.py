@@ -34,11 +34,10 @@ from ..units.stack import ModelSpec, StackSpec, thaw_args
 from .binaries import MissingProgram, etcd_binary, nats_binary, python_module
 from .flags import merge_args, to_flags
 from .ports import PortError, model_blocks, worker_ports
+from .releases import MOCKER_STOP, Release, installed_release
 
 UNSET = ("DYN_*", "ETCD_*", "NATS_*")
-NIXL = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
 IMPLICIT = ("etcd", "nats", "frontend")
-STOP_TIMEOUT = {"vllm": 60.0, "mocker": 10.0}
 # Flags dynsup sets itself: an engine_args key for one would come later and win.
 OWNED_ARGS = {
     "vllm": frozenset({
@@ -66,6 +65,8 @@ class StackContext:
     # blocks it assigns into port_blocks_out, for the daemon to remember.
     port_blocks: Mapping[str, int] = field(default_factory=dict)
     port_blocks_out: dict[str, int] = field(default_factory=dict)
+    # The Dynamo release whose flags and shutdown to plan for.
+    release: Release = field(default_factory=installed_release)
 
 
 class _Problems:
@@ -361,9 +362,6 @@ class _Builder:
             module = python_module(f"dynamo.{model.engine}")
             if model.engine == "vllm":
                 python_module("vllm")
-            else:
-                # Same mocker, without its 1.6 s import of transformers (see the module).
-                module = [*module[:-1], "dynsup.dynamo.mocker_launcher"]
         except MissingProgram as exc:
             self.problems.add(model.source, "model.engine", str(exc))
             return []
@@ -447,7 +445,7 @@ class _Builder:
             restart_delay_max=10.0,
             start_limit_burst=20,
             start_limit_interval=120.0,
-            stop_timeout=model.stop_timeout or STOP_TIMEOUT[model.engine],
+            stop_timeout=model.stop_timeout or self._stop_timeout(model, env),
             ready=ReadySpec(
                 kind=ProbeKind.HTTP,
                 target=f"http://{self.host}:{ports.system}/health",
@@ -481,6 +479,11 @@ class _Builder:
                     )
         return ok
 
+    def _stop_timeout(self, model: ModelSpec, env: dict[str, str]) -> float:
+        if model.engine == "vllm":
+            return self.ctx.release.vllm_stop_timeout(env)
+        return MOCKER_STOP
+
     def _rank_count(self, tp: int) -> int:
         per_node = self.ctx.gpus_per_node
         if not per_node or tp <= per_node:
@@ -502,5 +505,6 @@ class _Builder:
             events = {"enable_kv_cache_events": False}
         argv += ["--kv-events-config", json.dumps(events, separators=(",", ":"))]
         if role != "agg":
-            argv += ["--kv-transfer-config", json.dumps(NIXL, separators=(",", ":"))]
+            nixl = {"kv_connector": "NixlConnector", "kv_role": self.ctx.release.kv_roles[role]}
+            argv += ["--kv-transfer-config", json.dumps(nixl, separators=(",", ":"))]
         return argv

@@ -93,6 +93,19 @@ class GangAgent:
             out.append(arg)
         return out
 
+    def rank_request(self, request: SpawnRequest, rank: int) -> SpawnRequest:
+        """What rank's agent is asked to run for the unit's request (`dynsupd --check`
+        prints the same)."""
+        argv = self.rank_argv(request.argv, rank)
+        if rank > 0:
+            argv += request.rank_args
+        return replace(
+            request,
+            name=rank_name(request.name, rank),
+            argv=tuple(argv),
+            env={**request.env, **self.rank_env(rank)},
+        )
+
     # -- the Agent contract --------------------------------------------------
 
     async def spawn(self, request: SpawnRequest) -> Spawned:
@@ -106,18 +119,7 @@ class GangAgent:
             # its own spawn is in flight. Ranks > 0 wait for rank 0 anyway
             # (torch.distributed's rendezvous at rank0_addr retries).
             for k in [*range(1, len(self.ranks)), 0]:
-                rank = self.ranks[k]
-                argv = self.rank_argv(request.argv, k)
-                if k > 0:
-                    argv += request.rank_args
-                started[k] = await rank.agent.spawn(
-                    replace(
-                        request,
-                        name=rank_name(name, k),
-                        argv=tuple(argv),
-                        env={**request.env, **self.rank_env(k)},
-                    )
-                )
+                started[k] = await self.ranks[k].agent.spawn(self.rank_request(request, k))
         except BaseException:
             # A half-started gang never serves: nothing of it may run on.
             with anyio.CancelScope(shield=True):
