@@ -176,7 +176,7 @@ def check_units(settings: Settings, *, as_json: bool) -> int:
 
     # What the daemon would read from its state: `scale` overrides and the
     # models' port blocks (read only; nothing is written back).
-    remembered = DesiredState.load(settings.state_dir)
+    remembered = DesiredState.load(settings.state_dir, read_only=True)
     try:
         specs = load_specs(settings, remembered.replicas, None, dict(remembered.port_blocks))
     except UnitErrors as exc:

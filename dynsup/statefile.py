@@ -73,20 +73,23 @@ class DesiredState:
         self._lock = threading.RLock()
 
     @classmethod
-    def load(cls, state_dir: Path) -> DesiredState:
-        """The saved state; an empty one when there is none or it was corrupt (moved aside)."""
+    def load(cls, state_dir: Path, *, read_only: bool = False) -> DesiredState:
+        """The saved state; an empty one when there is none or it was corrupt (moved
+        aside, unless read_only: `dynsupd --check` writes nothing)."""
         state = cls(state_dir / STATE_FILE)
         try:
             data = read_limited(state.path)
         except FileNotFoundError:
             return state
         except TomlFileError as exc:  # a directory or FIFO in its place, too large, EIO
-            state._set_aside(str(exc))
+            if not read_only:
+                state._set_aside(str(exc))
             return state
         try:
             state.overrides, state.replicas, state.port_blocks = _validate(parse_toml(data), data)
         except (TomlFileError, CorruptState) as exc:
-            state._set_aside(str(exc))
+            if not read_only:
+                state._set_aside(str(exc))
         return state
 
     def _set_aside(self, reason: str) -> None:

@@ -99,3 +99,14 @@ def test_check_of_invalid_units_exits_2_naming_file_and_key(tmp_path: Path) -> N
     assert header == "dynsupd: invalid units:"
     assert errors and all(str(bad) in line for line in errors)
     assert not (tmp_path / "state").exists()
+
+
+def test_check_leaves_a_corrupt_state_file_where_it_is(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.toml").write_text("[replicas\n")  # the daemon would move it aside
+    done = dynsupd(
+        "--check", "--state-dir", str(state), str(ROOT / "units" / "demo"), tmp_path=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in state.iterdir()] == ["state.toml"]
