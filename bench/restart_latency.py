@@ -58,7 +58,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 DYNSUPD = REPO / ".venv" / "bin" / "dynsupd"
 SV_VENV = BENCH_DIR / ".venv-supervisord"
-SV_REQUIREMENT = "supervisor"
+SV_REQUIREMENT = "supervisor==4.3.0"
 THRESHOLD_MS = 20.0
 
 C_SOURCE = r"""
@@ -308,15 +308,21 @@ def _toml_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def ensure_supervisord() -> Path:
-    exe = SV_VENV / "bin" / "supervisord"
+def ensure_venv(venv: Path, requirement: str, program: str) -> Path:
+    """venv/bin/program, installing requirement into a venv of its own on first use
+    (a peer supervisor is never installed into the project's venv)."""
+    exe = venv / "bin" / program
     if exe.exists():
         return exe
-    print(f"installing {SV_REQUIREMENT} into {SV_VENV} ...", file=sys.stderr)
+    print(f"installing {requirement} into {venv} ...", file=sys.stderr)
     base = getattr(sys, "_base_executable", None) or sys.executable
-    subprocess.run([base, "-m", "venv", str(SV_VENV)], check=True)
-    subprocess.run([str(SV_VENV / "bin" / "pip"), "install", "--quiet", SV_REQUIREMENT], check=True)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", requirement], check=True)
     return exe
+
+
+def ensure_supervisord() -> Path:
+    return ensure_venv(SV_VENV, SV_REQUIREMENT, "supervisord")
 
 
 def run_supervisord(program: Program, tmp: Path, runs: int) -> Result:
