@@ -288,7 +288,12 @@ class Circus(Peer):
 
     def launch(self, timeout: float) -> None:
         super().launch(timeout)
-        subprocess.run(self.ctl_argv("stop"), capture_output=True, timeout=timeout, check=True)
+        # circusd answers while it is still starting the watchers, and refuses
+        # a stop meanwhile ("already running arbiter_start_watchers").
+        settle(self, self.units, timeout)
+        done = subprocess.run(self.ctl_argv("stop"), capture_output=True, timeout=timeout)
+        if done.returncode != 0:
+            raise BenchError(f"circusctl stop: exit status {done.returncode}: {done.stdout!r}")
 
     def ping_argv(self) -> list[str]:
         return self._ctl("list")
