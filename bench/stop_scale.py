@@ -570,8 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     # Under /tmp: Unix socket paths must stay short.
     tmp = Path(tempfile.mkdtemp(prefix="dynsup-stop-bench-", dir="/tmp"))
     figures = Figures()
-    # SIGTERM (a CI timeout, say) takes the same way out as Ctrl-C.
+    # SIGTERM (a CI timeout, say) takes the same way out as Ctrl-C; and so does
+    # SIGINT when a shell started us in the background with it ignored.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for units in sizes:
             try:
