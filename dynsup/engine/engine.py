@@ -137,6 +137,7 @@ class Engine:
         self._units: dict[str, _Unit] = {}
         self._tg: TaskGroup | None = None
         self._feeds: list[Feed[UnitStatus]] = []
+        self.changed = Pulse()  # fires on every state change of any unit
 
     async def __aenter__(self) -> Engine:
         self._tg = anyio.create_task_group()
@@ -620,6 +621,7 @@ class Engine:
             reason=reason,
         )
         unit.changed.fire()
+        self.changed.fire()
         snapshot = self._snapshot(unit)
         for feed in list(self._feeds):
             feed.publish(snapshot)
