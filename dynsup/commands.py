@@ -312,7 +312,9 @@ class Commands:
             async for snap in changes:
                 if snap.name not in watched:
                     continue
-                yield await self._info(snap.name)
+                # Progress only (the final answer carries each unit's last error):
+                # a tail read per event would cost an agent call per transition.
+                yield unit_info(snap, None, list(snap.gpus))
                 if _settled(snap):
                     pending.discard(snap.name)
                     if not pending:
