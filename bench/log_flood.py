@@ -1,30 +1,40 @@
 #!/usr/bin/env python3
-"""Log flood: a child printing as fast as it can, with `dynsupctl tail -f` following.
+"""Log flood: a child printing as fast as it can, under dynsup and under its peers.
 
-    .venv/bin/python bench/log_flood.py [--seconds 10] [--runs 1] [--journal auto|none]
+    .venv/bin/python bench/log_flood.py [--seconds 10] [--runs 3] [--child block,line]
+        [--only NAME,...] [--consumers]
 
 A benchmark, not a test. The child is a Python loop writing 100-byte lines
-to stdout (``sys.stdout.write``, Python's default block buffering) for
-``--seconds``, then recording how many lines it wrote. Its rate is measured
+for ``--seconds``, then recording how many it wrote; its rate is the figure.
+It sets its own buffering (this environment's PYTHONUNBUFFERED=1 reaches it
+through every supervisor): ``block`` writes through an 8 KiB buffer (a
+Python program's default into a pipe), ``line`` flushes every line (one
+``write()`` per line: line buffering, PYTHONUNBUFFERED, most loggers).
 
-* into /dev/null (started directly: the most it can do here);
-* as a dynsup unit, its stdout a pipe read by the daemon's agent into the
-  unit's ring buffer, the journal forwarder (one journald entry per line)
-  and a ``dynsupctl tail -f`` follower whose output this script reads and
-  counts, all at once.
+Sinks, run one after another in each run (interleaved, so that a noisy
+neighbour hits all of them alike):
 
-* into a bare pipe of the same size (1 MiB) drained by a loop that does
-  nothing else: what any supervisor that captures output could hope for.
+* ``/dev/null``, ``a file``: the child started directly;
+* ``a bare pipe``: a 1 MiB pipe drained by a loop that does nothing else;
+* ``supervisord``: supervisord 4.3 writing the program's stdout to its log
+  file (defaults: 50 MB files, 10 backups);
+* ``circus``: circusd with a ``FileStream`` (its pipe reader into a file);
+* ``dynsup (rings + tail -f)``: a unit, with ``dynsupctl tail -f`` following
+  it (its output read and counted by this script), no journald;
+* ``dynsup + journald``: the same, and the daemon forwards to a real
+  journald (a journal namespace started as the tests do when the host has
+  none).
 
-Printed: the rates, the ratio to /dev/null (the target is at least 80 %), the daemon's
-RSS (sampled every 0.2 s: before, highest, after) and what the follower got
-(bytes, and the "[N bytes missed]" notices a slow follower is given instead
-of slowing the child).
+With ``--consumers``, dynsup also runs with each consumer alone: the rings
+only, a log-line probe that never matches (the unit stays STARTING, every
+line goes through the probe's subscription), journald only.
 
-journald: ``auto`` (default) starts ``systemd-journald`` in a journal
-namespace of its own when the host's is not live, as the tests do, and
-points the daemon at it; ``none`` runs the daemon with no journal. Exit
-status 0; 1 when the ratio is under 80 %; 2 when a run could not be measured.
+Peers are installed on first use into their own venvs (bench/.venv-supervisord,
+bench/.venv-circus), never into the project's. Printed: per child mode, a
+table of the child's median rate, its share of /dev/null, the min-max over
+the runs, and the supervising daemon's CPU (share of one core during the
+flood) and RSS (highest sampled). Exit status 0; 2 when a run could not be
+measured.
 """
 
 from __future__ import annotations
@@ -43,8 +53,8 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -55,20 +65,27 @@ from dynsup.process import PIPE_SIZE  # noqa: E402
 from tests.journald_fixture import JournaldUnavailable, live_journald  # noqa: E402
 
 BIN = REPO / ".venv" / "bin"
+BENCH_DIR = REPO / "bench"
+PEERS = {
+    "supervisord": (BENCH_DIR / ".venv-supervisord", "supervisor==4.3.*", "supervisord"),
+    "circus": (BENCH_DIR / ".venv-circus", "circus", "circusd"),
+}
 
 CHILD = textwrap.dedent(
     """
     import sys, time
-    result, seconds = sys.argv[1], float(sys.argv[2])
+    result, seconds, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    # Buffering set here, not inherited: PYTHONUNBUFFERED may be in the environment.
+    out = open(1, "w", buffering=8192 if mode == "block" else 1, closefd=False)
     line = "x" * 86
-    write = sys.stdout.write
+    write = out.write
     n = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         for _ in range(1000):
             write(f"{n:012d} {line}\\n")  # 100 bytes
             n += 1
-    sys.stdout.flush()
+    out.flush()
     open(result, "w").write(str(n))
     """
 )
@@ -76,68 +93,174 @@ LINE_BYTES = 100
 
 
 @dataclass
-class Flood:
-    lines: int
-    seconds: float
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.lines * LINE_BYTES / self.seconds / 1e6
+class Sample:
+    mb_per_s: float
+    cpu: float = 0.0  # the supervising daemon's CPU, share of one core
+    rss_max: int = 0
+    note: str = ""
 
 
-def child_argv(tmp: Path, result: Path, seconds: float) -> list[str]:
-    # A file, not -c: unit commands read braces as placeholders.
-    script = tmp / "flood.py"
-    script.write_text(CHILD)
-    return [sys.executable, str(script), str(result), str(seconds)]
+class Bench:
+    """One run's working directory and settings."""
+
+    def __init__(self, tmp: Path, seconds: float, mode: str, journal: str | None) -> None:
+        self.tmp = tmp
+        self.seconds = seconds
+        self.mode = mode
+        self.journal = journal
+        self.script = tmp / "flood.py"
+        self.script.write_text(CHILD)
+
+    def argv(self, result: Path) -> list[str]:
+        return [sys.executable, str(self.script), str(result), str(self.seconds), self.mode]
+
+    def result(self, name: str) -> Path:
+        path = self.tmp / f"{name}.count"
+        path.unlink(missing_ok=True)
+        return path
+
+    def rate(self, result: Path) -> float:
+        return int(result.read_text()) * LINE_BYTES / self.seconds / 1e6
+
+    def wait_result(self, result: Path, daemon: psutil.Process) -> tuple[int, float]:
+        """Wait for the child's count; the daemon's highest RSS and its CPU share meanwhile."""
+        cpu_before = cpu_seconds(daemon)
+        started = time.monotonic()
+        rss_max = daemon.memory_info().rss
+        deadline = started + self.seconds + 60
+        while not result.exists():
+            rss_max = max(rss_max, daemon.memory_info().rss)
+            if time.monotonic() > deadline:
+                raise SystemExit("the flood did not finish")
+            time.sleep(0.1)  # sampling RSS; bounded by the deadline
+        cpu = (cpu_seconds(daemon) - cpu_before) / (time.monotonic() - started)
+        return rss_max, cpu
 
 
-def run_child_to_devnull(tmp: Path, seconds: float) -> Flood:
-    result = tmp / "null.count"
-    subprocess.run(
-        child_argv(tmp, result, seconds),
-        stdout=subprocess.DEVNULL,
-        check=True,
-    )
-    return Flood(int(result.read_text()), seconds)
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system  # not its children's: the flood child is one
 
 
-def run_child_into_bare_pipe(tmp: Path, seconds: float) -> Flood:
+def wait_for(check: Callable[[], bool], what: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while not check():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not start")
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- the sinks -----------------------------------------------------------------
+
+
+def devnull(b: Bench) -> Sample:
+    result = b.result("null")
+    subprocess.run(b.argv(result), stdout=subprocess.DEVNULL, check=True)
+    return Sample(b.rate(result))
+
+
+def a_file(b: Bench) -> Sample:
+    result = b.result("file")
+    out = b.tmp / "flood.out"
+    with open(out, "wb") as f:
+        subprocess.run(b.argv(result), stdout=f, check=True)
+    out.unlink()
+    return Sample(b.rate(result))
+
+
+def bare_pipe(b: Bench) -> Sample:
     """The child into a pipe as big as dynsup's, drained by a loop that does nothing else."""
-    result = tmp / "pipe.count"
+    result = b.result("pipe")
     read_end, write_end = os.pipe()
     fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    child = subprocess.Popen(child_argv(tmp, result, seconds), stdout=write_end)
+    child = subprocess.Popen(b.argv(result), stdout=write_end)
     os.close(write_end)
-    while os.read(read_end, 256 * 1024):
+    while os.read(read_end, PIPE_SIZE):
         pass
     os.close(read_end)
     child.wait()
-    return Flood(int(result.read_text()), seconds)
+    return Sample(b.rate(result))
 
 
-@contextlib.contextmanager
-def journald_socket() -> Iterator[str | None]:
-    """A live journald's socket (the host's, or a namespace started as the tests do), or None."""
+def ensure_peer(name: str) -> Path:
+    venv, requirement, exe = PEERS[name]
+    if not (venv / "bin" / exe).exists():
+        print(f"installing {requirement} into {venv} ...", file=sys.stderr)
+        base = getattr(sys, "_base_executable", None) or sys.executable
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", requirement], check=True)
+    return venv / "bin" / exe
+
+
+def supervisord(b: Bench) -> Sample:
+    exe = ensure_peer("supervisord")
+    work = b.tmp / "supervisord"
+    work.mkdir(exist_ok=True)
+    result = b.result("supervisord")
+    conf = work / "supervisord.conf"
+    conf.write_text(
+        textwrap.dedent(f"""
+        [supervisord]
+        nodaemon=true
+        logfile={work}/supervisord.log
+        pidfile={work}/supervisord.pid
+        childlogdir={work}
+        [program:flood]
+        command={" ".join(b.argv(result))}
+        autostart=true
+        autorestart=false
+        startsecs=0
+        stdout_logfile={work}/flood.log
+        """)
+    )
+    proc = subprocess.Popen([str(exe), "-c", str(conf)], stdout=subprocess.DEVNULL)
     try:
-        with live_journald("dynsup-bench") as journal:
-            print(f"journal: {journal.namespace or 'the host journal'}")
-            yield journal.socket_path
-    except JournaldUnavailable as exc:  # raised before the yield only
-        print(f"journal: {exc}; running without")
-        yield None
+        rss, cpu = b.wait_result(result, psutil.Process(proc.pid))
+    finally:
+        stop(proc)
+    for log in work.glob("flood.log*"):
+        log.unlink()
+    return Sample(b.rate(result), cpu, rss)
 
 
-@dataclass
-class DynsupRun:
-    flood: Flood
-    rss_before: int
-    rss_max: int
-    rss_after: int
-    follower_bytes: int
-    missed_notices: int
-    missed_bytes: int
-    cpu: dict[str, float]  # CPU seconds during the flood, per process
+def circus(b: Bench) -> Sample:
+    exe = ensure_peer("circus")
+    work = b.tmp / "circus"
+    work.mkdir(exist_ok=True)
+    result = b.result("circus")
+    conf = work / "circus.ini"
+    conf.write_text(
+        textwrap.dedent(f"""
+        [circus]
+        endpoint = ipc://{work}/ctl.sock
+        pubsub_endpoint = ipc://{work}/pub.sock
+        statsd = False
+        [watcher:flood]
+        cmd = {" ".join(b.argv(result))}
+        numprocesses = 1
+        respawn = False
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {work}/flood.log
+        """)
+    )
+    proc = subprocess.Popen(
+        [str(exe), str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        rss, cpu = b.wait_result(result, psutil.Process(proc.pid))
+    finally:
+        stop(proc)
+    (work / "flood.log").unlink(missing_ok=True)
+    return Sample(b.rate(result), cpu, rss)
 
 
 class Follower:
@@ -167,7 +290,8 @@ class Follower:
         assert self.proc.stderr is not None
         self.stderr = self.proc.stderr.read()
 
-    def stop(self) -> tuple[int, int]:
+    def stop(self) -> int:
+        """The bytes it was told it missed."""
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(10)
@@ -176,131 +300,145 @@ class Follower:
             self.proc.wait()
         for thread in self._threads:
             thread.join(10)
-        notices = [int(n) for n in re.findall(rb"\[(\d+) bytes missed\]", self.stderr)]
-        return len(notices), sum(notices)
+        return sum(int(n) for n in re.findall(rb"\[(\d+) bytes missed\]", self.stderr))
 
 
-def run_under_dynsup(tmp: Path, seconds: float, journal: str | None, follow: bool) -> DynsupRun:
-    units = tmp / "units"
-    units.mkdir(exist_ok=True)
-    result = tmp / "dynsup.count"
-    result.unlink(missing_ok=True)
-    argv = child_argv(tmp, result, seconds)
-    (units / "flood.toml").write_text(
-        f"[unit]\nautostart = false\n[service]\ncommand = {json.dumps(argv)}\n"
-        'restart = "no"\nstart_seconds = 0\n'
-    )
-    sock = tmp / "dynsup.sock"
-    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-    env["DYNSUP_JOURNAL_SOCKET"] = journal or str(tmp / "no-journal")
-    log = open(tmp / "dynsupd.log", "w")  # noqa: SIM115 (closed below)
-    daemon = subprocess.Popen(
-        [str(BIN / "dynsupd"), "--socket", str(sock), "--state-dir", str(tmp / "state"),
-         "--log-format", "json", str(units)],
-        stdout=subprocess.DEVNULL, stderr=log, env=env,
-    )  # fmt: skip
+def dynsup(*, follow: bool, journal: bool, probe: bool = False) -> Callable[[Bench], Sample]:
+    def run(b: Bench) -> Sample:
+        if journal and b.journal is None:
+            return Sample(0.0, note="no journald")
+        units = b.tmp / "units"
+        units.mkdir(exist_ok=True)
+        result = b.result("dynsup")
+        ready = '[ready]\nlog = "never printed"\ntimeout = 600\n' if probe else ""
+        (units / "flood.toml").write_text(
+            f"[unit]\nautostart = false\n[service]\ncommand = {json.dumps(b.argv(result))}\n"
+            f'restart = "no"\nstart_seconds = 0\n{ready}'
+        )
+        sock = b.tmp / "dynsup.sock"
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        env["DYNSUP_JOURNAL_SOCKET"] = (b.journal if journal else None) or str(b.tmp / "none")
+        with open(b.tmp / "dynsupd.log", "w") as log:
+            daemon = subprocess.Popen(
+                [str(BIN / "dynsupd"), "--socket", str(sock), "--state-dir",
+                 str(b.tmp / "state"), "--log-format", "json", str(units)],
+                stdout=subprocess.DEVNULL, stderr=log, env=env,
+            )  # fmt: skip
+        try:
+            wait_for(sock.exists, "dynsupd", daemon)
+            follower = Follower(sock) if follow else None
+            ctl = [str(BIN / "dynsupctl"), "--socket", str(sock)]
+            subprocess.run([*ctl, "start", "--no-wait", "flood"], check=True, capture_output=True)
+            rss, cpu = b.wait_result(result, psutil.Process(daemon.pid))
+            note = ""
+            if follower is not None:
+                written = int(result.read_text()) * LINE_BYTES
+                deadline = time.monotonic() + 30
+                while follower.bytes < written and time.monotonic() < deadline:
+                    time.sleep(0.1)  # the follower drains the end; bounded by the deadline
+                missed = follower.stop()
+                note = f"tail -f got {follower.bytes / written:.1%}"
+                note += f", told of {missed / written:.1%} missed" if missed else ""
+        finally:
+            stop(daemon)
+            sock.unlink(missing_ok=True)
+        return Sample(b.rate(result), cpu, rss, note)
+
+    return run
+
+
+SINKS: dict[str, Callable[[Bench], Sample]] = {
+    "/dev/null": devnull,
+    "a file": a_file,
+    "a bare pipe": bare_pipe,
+    "supervisord": supervisord,
+    "circus": circus,
+    "dynsup (rings + tail -f)": dynsup(follow=True, journal=False),
+    "dynsup + journald": dynsup(follow=True, journal=True),
+}
+CONSUMERS: dict[str, Callable[[Bench], Sample]] = {
+    "dynsup: rings only": dynsup(follow=False, journal=False),
+    "dynsup: log probe pending": dynsup(follow=False, journal=False, probe=True),
+    "dynsup: journald only": dynsup(follow=False, journal=True),
+}
+
+
+@contextlib.contextmanager
+def journald_socket() -> Iterator[str | None]:
+    """A live journald's socket (the host's, or a namespace started as the tests do), or None."""
     try:
-        proc = psutil.Process(daemon.pid)
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"dynsupd did not start: {(tmp / 'dynsupd.log').read_text()}")
-            time.sleep(0.05)
-        rss_before = proc.memory_info().rss
-        follower = Follower(sock) if follow else None
-        watched = {"dynsupd": proc}
-        if follower is not None:
-            watched["dynsupctl tail -f"] = psutil.Process(follower.proc.pid)
-        if journal is not None:
-            watched.update({f"journald {p.pid}": p for p in journald_processes()})
-        cpu_before = {name: cpu_seconds(p) for name, p in watched.items()}
-        time.sleep(0.5)  # the follower is attached (it waits for the first output)
-        started = subprocess.run(
-            [str(BIN / "dynsupctl"), "--socket", str(sock), "start", "--no-wait", "flood"],
-            capture_output=True, check=False,
-        )  # fmt: skip
-        if started.returncode != 0:
-            raise SystemExit(f"start failed: {started.stdout!r} {started.stderr!r}")
-        rss_max = rss_before
-        deadline = time.monotonic() + seconds + 60
-        while not result.exists():
-            rss_max = max(rss_max, proc.memory_info().rss)
-            if time.monotonic() > deadline:
-                raise SystemExit("the flood did not finish")
-            time.sleep(0.2)
-        time.sleep(1.0)  # the follower drains what is left
-        cpu = {name: cpu_seconds(p) - cpu_before[name] for name, p in watched.items()}
-        notices, missed = follower.stop() if follower else (0, 0)
-        rss_after = proc.memory_info().rss
-        return DynsupRun(
-            Flood(int(result.read_text()), seconds),
-            rss_before, rss_max, rss_after, follower.bytes if follower else 0, notices, missed,
-            cpu,
-        )  # fmt: skip
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(60)
-        log.close()
+        with live_journald("dynsup-bench") as journal:
+            print(f"journal: {journal.namespace or 'the host journal'}")
+            yield journal.socket_path
+    except JournaldUnavailable as exc:  # raised before the yield only
+        print(f"journal: {exc}; running without")
+        yield None
 
 
-def cpu_seconds(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return times.user + times.system
+@dataclass
+class Row:
+    samples: list[Sample] = field(default_factory=list)
+
+    def median(self, key: Callable[[Sample], float]) -> float:
+        return statistics.median(key(s) for s in self.samples)
 
 
-def journald_processes() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "systemd-journal"]
-
-
-def mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
+def print_table(mode: str, rows: dict[str, Row]) -> None:
+    null = rows["/dev/null"].median(lambda s: s.mb_per_s) if "/dev/null" in rows else None
+    print(
+        f"\nchild: {mode}-buffered writer; medians of {len(next(iter(rows.values())).samples)} runs"
+    )
+    print(
+        "| sink | MB/s | share of /dev/null | min-max MB/s | daemon CPU | daemon RSS max | notes |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, row in rows.items():
+        rate = row.median(lambda s: s.mb_per_s)
+        lo = min(s.mb_per_s for s in row.samples)
+        hi = max(s.mb_per_s for s in row.samples)
+        share = f"{rate / null:.0%}" if null else "-"
+        cpu = f"{row.median(lambda s: s.cpu):.0%}" if row.samples[0].rss_max else "-"
+        rss = (
+            f"{max(s.rss_max for s in row.samples) / (1 << 20):.0f} MiB"
+            if row.samples[0].rss_max
+            else "-"
+        )
+        notes = "; ".join(sorted({s.note for s in row.samples if s.note}))
+        print(f"| {name} | {rate:.0f} | {share} | {lo:.0f}-{hi:.0f} | {cpu} | {rss} | {notes} |")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--journal", choices=("auto", "none"), default="auto")
-    parser.add_argument("--no-follow", action="store_true", help="no tail -f follower")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--child", default="block,line", help="block, line or both")
+    parser.add_argument("--only", default="", help="comma-separated sink names (substrings)")
+    parser.add_argument("--consumers", action="store_true", help="dynsup with each consumer alone")
     args = parser.parse_args()
     if not (BIN / "dynsupd").exists():
         print("run bash scripts/setup.sh first", file=sys.stderr)
         return 2
+    sinks = {**SINKS, **(CONSUMERS if args.consumers else {})}
+    if args.only:
+        wanted = args.only.split(",")
+        sinks = {n: f for n, f in sinks.items() if n == "/dev/null" or any(w in n for w in wanted)}
+    modes = args.child.split(",")
     print(f"log flood: {os.cpu_count()} CPUs, {args.seconds:g} s per flood, 100-byte lines")
-    ratios = []
-    with tempfile.TemporaryDirectory(prefix="dynsup-flood-") as name:
-        tmp = Path(name)
-        stack = contextlib.ExitStack()
-        with stack:
-            journal = stack.enter_context(journald_socket()) if args.journal == "auto" else None
-            for run in range(1, args.runs + 1):
-                null = run_child_to_devnull(tmp, args.seconds)
-                bare = run_child_into_bare_pipe(tmp, args.seconds)
-                got = run_under_dynsup(tmp, args.seconds, journal, not args.no_follow)
-                ratio = got.flood.mb_per_s / null.mb_per_s
-                ratios.append(ratio)
-                print(
-                    f"run {run}: /dev/null {null.mb_per_s:.1f} MB/s; bare 1 MiB pipe"
-                    f" {bare.mb_per_s:.1f} MB/s ({bare.mb_per_s / null.mb_per_s:.0%});"
-                    f" under dynsup {got.flood.mb_per_s:.1f} MB/s"
-                    f" ({got.flood.lines:,} lines) = {ratio:.0%} of /dev/null"
-                )
-                print(
-                    f"  dynsupd RSS: {mib(got.rss_before)} before, {mib(got.rss_max)} at most,"
-                    f" {mib(got.rss_after)} after"
-                )
-                share = ", ".join(
-                    f"{name} {seconds / args.seconds:.0%}" for name, seconds in got.cpu.items()
-                )
-                print(f"  CPU (of one core) during the flood: {share}")
-                written = got.flood.lines * LINE_BYTES
-                print(
-                    f"  tail -f got {got.follower_bytes:,} of {written:,} bytes;"
-                    f" {got.missed_notices} 'bytes missed' notices for {got.missed_bytes:,} bytes"
-                )
-    median = statistics.median(ratios)
-    print(f"median ratio: {median:.0%} (target: at least 80 %)")
-    return 0 if median >= 0.8 else 1
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    tables = {mode: {name: Row() for name in sinks} for mode in modes}
+    with tempfile.TemporaryDirectory(prefix="dynsup-flood-") as name, journald_socket() as journal:
+        for run in range(1, args.runs + 1):
+            for mode in modes:
+                bench = Bench(Path(name), args.seconds, mode, journal)
+                for sink, measure in sinks.items():
+                    sample = measure(bench)
+                    tables[mode][sink].samples.append(sample)
+                    print(f"run {run} {mode} {sink}: {sample.mb_per_s:.0f} MB/s, daemon CPU"
+                          f" {sample.cpu:.0%} {sample.note}", flush=True)  # fmt: skip
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    for mode, rows in tables.items():
+        print_table(mode, rows)
+    return 0
 
 
 if __name__ == "__main__":

@@ -32,18 +32,10 @@ from .agent_api import (
     SpawnRequest,
 )
 from .logs import LogStore
+from .logs.pump import pump_pipe
 from .process import ProcessGroup, become_subreaper, signal_by_name
 
 log = structlog.get_logger("dynsup.agent")
-
-# A quarter of the child's pipe (process.PIPE_SIZE): few reads under a flood,
-# and a chunk stays well under a unit's ring capacity.
-_READ_SIZE = 256 * 1024
-# After a read this big, pause before the next: at 60 MB/s the 1 MiB pipe
-# takes some 17 ms to fill, so the child never waits; a quiet child's lines
-# are read the moment they come.
-_BUSY_READ = 32 * 1024
-_BUSY_PAUSE = 0.001
 
 
 def inherited_env(unset: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -223,20 +215,5 @@ class LocalAgent:
         log.debug("process.exited", unit=group.name, pid=group.pid, status=status.describe())
 
     async def _pump(self, group: ProcessGroup, fd: int, stream: str) -> None:
-        """Drain one pipe until EOF: every byte goes to the ring buffers at once."""
-        try:
-            while True:
-                try:
-                    data = os.read(fd, _READ_SIZE)
-                except BlockingIOError:
-                    await anyio.wait_readable(fd)
-                    continue
-                if not data:
-                    return
-                self.logs.append(group.name, stream, group.pid, data)
-                if len(data) >= _BUSY_READ:
-                    # A flooding child: let its pipe fill a little, so each read
-                    # (and everything done per chunk) carries more.
-                    await anyio.sleep(_BUSY_PAUSE)
-        finally:
-            os.close(fd)
+        """Drain one pipe until EOF: every byte goes to the ring buffers."""
+        await pump_pipe(fd, lambda data: self.logs.append(group.name, stream, group.pid, data))
