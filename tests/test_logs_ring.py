@@ -252,3 +252,46 @@ async def test_wait_beyond_times_out() -> None:
         tg.start_soon(store.wait_beyond, 1, 30)
         await anyio.wait_all_tasks_blocked()
         store.append("web", "stdout", 1, b"y")
+
+
+def test_wrapped_ring_reads_and_tails_like_the_stream_it_holds() -> None:
+    capacity = 997
+    ring = RingBuffer(capacity)
+    stream = bytearray()
+    rng = random.Random(12)
+    for _ in range(1500):
+        data = bytes(rng.choices(b"ab\n", k=rng.choice([1, 5, 80, 400, 996, 2500])))
+        ring.append(data)
+        stream += data
+        start = max(0, len(stream) - capacity)
+        offset = rng.randrange(start, len(stream) + 1)
+        limit = rng.randrange(0, capacity + 1)
+        assert ring.read(offset, limit) == (offset, bytes(stream[offset : offset + limit]),
+                                            min(offset + limit, len(stream)))  # fmt: skip
+        n = rng.randrange(1, 6)
+        held = bytes(stream[start:])
+        body = held[:-1] if held.endswith(b"\n") else held
+        cut = start
+        for _ in range(n):
+            i = body.rfind(b"\n")
+            if i < 0:
+                break
+            body = body[:i]
+            cut = start + i + 1
+        else:
+            assert ring.tail_offset(n) == cut
+            continue
+        assert ring.tail_offset(n) == start
+
+
+def test_a_flood_reuses_the_ring_storage_instead_of_reallocating_it() -> None:
+    # Regrowing the buffer took fresh memory from malloc every `capacity`
+    # bytes; under a log flood its page faults were most of the daemon's CPU.
+    capacity = 1 << 16
+    ring = RingBuffer(capacity)
+    ring.append(b"x" * capacity)
+    storage = sys.getsizeof(ring._buf)
+    for i in range(500):
+        ring.append(bytes([i % 256]) * (1 + i * 37 % 5000))
+        assert sys.getsizeof(ring._buf) == storage
+    assert storage < capacity + 1024

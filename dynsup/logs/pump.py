@@ -1,17 +1,18 @@
-"""Draining a child's pipe: every byte at once when it is quiet, few large reads in a flood.
+"""Draining a child's pipe: a quiet child's line at once, a flood in few reads.
 
-A pipe costs its writer most when the reader is waiting on it: each
-``write()`` then wakes the reader, and a reader that takes a few lines at
-a time makes the writer pay that wake-up for every few lines. So while a
-child floods, the pump does not wait on the pipe at all: it takes the
-whole pipe in one read, then sleeps on a timer for about the time the
-pipe needs to fill halfway at the rate just seen (the child never blocks
-on a full pipe, and nothing wakes the pump meanwhile). A quiet child's
-line is read the moment it comes, as before.
+A pipe costs its writer most when its reader waits on it: every
+``write()`` then wakes the reader, and a reader that takes a few lines per
+wake-up makes the writer pay for one every few lines. So once a child
+writes fast, the pump stops waiting on the pipe: it reads, then sleeps on a
+timer for about the time the child needs to put one more read's worth in
+the pipe at the rate just seen (nothing wakes the pump meanwhile, and the
+1 MiB pipe leaves the child room to go on). After a quiet spell the first
+line is read the moment it comes; the pause is at most `MAX_PAUSE`, what a
+`tail -f` or a log probe may lag behind the child.
 
-Measured with bench/log_flood.py (block-buffered child, 2-core box): the
-previous pump, 256 KiB reads and a fixed 1 ms pause, capped a child at
-half of its /dev/null rate; see bench/README.md.
+Reads stay just under 128 KiB, the daemon's malloc mmap threshold: a
+bigger chunk is a fresh mmap whose pages fault in on every read, which
+cost three times the CPU of the rest of the path (bench/README.md).
 """
 
 from __future__ import annotations
@@ -24,41 +25,39 @@ from collections.abc import Callable
 
 import anyio
 
-# Below this a read is a quiet child's line or burst: wait on the pipe again.
-_BUSY_READ = 32 * 1024
-# A flooding child's next read should find the pipe about this full.
-_TARGET_FILL = 0.5
-# The longest pause: what a `tail -f` or a log probe may lag behind a flood.
-_MAX_PAUSE = 0.02
+READ_SIZE = 120 * 1024
+MAX_PAUSE = 0.01
 _DEFAULT_PIPE = 64 * 1024  # Linux's, should F_GETPIPE_SZ fail
 
 
 def pipe_size(fd: int) -> int:
-    """The capacity of the pipe fd (what one read can take at most)."""
+    """The capacity of the pipe fd."""
     with contextlib.suppress(OSError):
         return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
     return _DEFAULT_PIPE
 
 
-def flood_pause(size: int, elapsed: float, capacity: int) -> float:
-    """How long to leave a pipe alone after reading ``size`` bytes that came in ``elapsed`` s.
+def flood_pause(size: int, elapsed: float, target: int) -> float:
+    """How long to leave a pipe alone after a read of ``size`` bytes that came in ``elapsed`` s.
 
-    Zero when the pipe was (nearly) full: the writer may already be waiting.
+    About the time ``target`` more bytes take at that rate, at most
+    `MAX_PAUSE`; none when the read got ``target`` bytes or more (the pipe
+    holds more, and the writer may be waiting).
     """
-    if size >= capacity * _TARGET_FILL or elapsed <= 0:
+    if size >= target or elapsed <= 0:
         return 0.0
-    rate = size / elapsed
-    return min(_MAX_PAUSE, capacity * _TARGET_FILL / rate)
+    return min(MAX_PAUSE, target * elapsed / size)
 
 
 async def pump_pipe(fd: int, deliver: Callable[[bytes], None]) -> None:
     """Read the non-blocking pipe fd until EOF, handing each read to deliver; close fd."""
     try:
-        capacity = pipe_size(fd)
+        # Half the pipe at most: the child keeps room to write during a pause.
+        read_size = min(READ_SIZE, pipe_size(fd) // 2)
         emptied = time.monotonic()  # when the pipe was last read empty
         while True:
             try:
-                data = os.read(fd, capacity)
+                data = os.read(fd, read_size)
             except BlockingIOError:
                 await anyio.wait_readable(fd)
                 continue
@@ -67,8 +66,7 @@ async def pump_pipe(fd: int, deliver: Callable[[bytes], None]) -> None:
             now = time.monotonic()
             deliver(data)
             elapsed, emptied = now - emptied, now
-            if len(data) >= _BUSY_READ:
-                # Even with no pause, let the rest of the loop run between reads.
-                await anyio.sleep(flood_pause(len(data), elapsed, capacity))
+            # Even with no pause, let the rest of the loop run between reads.
+            await anyio.sleep(flood_pause(len(data), elapsed, read_size))
     finally:
         os.close(fd)

@@ -36,28 +36,27 @@ class RingBuffer:
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self.capacity = capacity
-        # Invariant: _buf[_head:] holds exactly the bytes [_start, end). The
-        # bytes before _head are dropped but not yet removed: they go all at
-        # once when they reach `capacity` bytes, so each appended byte is moved
-        # about once. (Trimming the front on every append made CPython move
-        # the whole buffer on the next growth: under a log flood that memmove
-        # was 40% of the daemon's time.) The storage stays under 3.5 x capacity.
+        # Invariant: the byte at absolute offset o (start <= o < end) is
+        # _buf[o % capacity]. _buf grows with the first `capacity` bytes, then
+        # never changes size: later bytes overwrite the oldest in place. (A
+        # buffer that was trimmed and regrown got new memory from malloc every
+        # `capacity` bytes, and under a log flood the page faults on that
+        # fresh memory were most of the daemon's CPU.)
         self._buf = bytearray()
-        self._head = 0
-        self._start = 0
+        self._end = 0
 
     @property
     def start(self) -> int:
         """Offset of the oldest byte still held."""
-        return self._start
+        return max(0, self._end - self.capacity)
 
     @property
     def end(self) -> int:
         """Total bytes ever appended: the offset the next byte will get."""
-        return self._start + len(self)
+        return self._end
 
     def __len__(self) -> int:
-        return len(self._buf) - self._head
+        return self._end - self.start
 
     def append(self, data: bytes | bytearray | memoryview) -> int:
         """Append data and return the offset of data[0].
@@ -65,21 +64,25 @@ class RingBuffer:
         When data alone is larger than the capacity only its last
         ``capacity`` bytes are kept, without ever holding more.
         """
-        offset = self.end
-        n = len(data)
-        if n >= self.capacity:
-            self._buf = bytearray(memoryview(data)[n - self.capacity :])
-            self._head = 0
-            self._start = offset + n - self.capacity
-            return offset
-        self._buf += data
-        keep_from = len(self._buf) - self.capacity
-        if keep_from > self._head:
-            self._start += keep_from - self._head
-            self._head = keep_from
-        if self._head >= self.capacity:
-            del self._buf[: self._head]
-            self._head = 0
+        offset = self._end
+        view = memoryview(data).cast("B")
+        n = len(view)
+        cap = self.capacity
+        kept = view[n - cap :] if n > cap else view
+        at = offset + n - len(kept)  # absolute offset of kept[0]
+        buf = self._buf
+        if len(buf) < cap:
+            if at + len(kept) <= cap:  # still filling: _buf is [0, end) as it is
+                buf += kept
+                self._end += n
+                return offset
+            buf += bytes(cap - len(buf))  # once per ring: from now on, overwrite in place
+        i = at % cap
+        first = min(len(kept), cap - i)
+        buf[i : i + first] = kept[:first]
+        if first < len(kept):
+            buf[: len(kept) - first] = kept[first:]
+        self._end += n
         return offset
 
     def read(self, offset: int, limit: int) -> tuple[int, bytes, int]:
@@ -92,10 +95,16 @@ class RingBuffer:
         """
         if offset < 0 or limit < 0:
             raise ValueError(f"offset and limit must be >= 0, got {offset}, {limit}")
-        start = min(max(offset, self._start), self.end)
-        i = self._head + start - self._start
-        data = bytes(self._buf[i : i + limit])
-        return start, data, start + len(data)
+        start = min(max(offset, self.start), self._end)
+        stop = min(start + limit, self._end)
+        cap = self.capacity
+        i = start % cap
+        size = stop - start
+        if i + size <= cap:
+            data = bytes(self._buf[i : i + size])
+        else:
+            data = bytes(self._buf[i:]) + bytes(self._buf[: i + size - cap])
+        return start, data, stop
 
     def tail_offset(self, n_lines: int) -> int:
         """The offset where the last ``n_lines`` lines start, as ``tail -n`` shows them.
@@ -103,16 +112,31 @@ class RingBuffer:
         An unterminated last line counts as a line. With fewer lines held,
         this is `start` (possibly in the middle of a line that was cut).
         """
+        start = self.start
         if n_lines <= 0:
-            return self.end
-        pos = len(self._buf)
-        if pos > self._head and self._buf[pos - 1] == 0x0A:  # ends a line, starts none
+            return self._end
+        pos = self._end
+        if pos > start and self._buf[(pos - 1) % self.capacity] == 0x0A:  # ends a line
             pos -= 1
         for _ in range(n_lines):
-            pos = self._buf.rfind(b"\n", self._head, pos)
+            pos = self._rfind_newline(start, pos)
             if pos < 0:
-                return self._start
-        return self._start + pos - self._head + 1
+                return start
+        return pos + 1
+
+    def _rfind_newline(self, lo: int, hi: int) -> int:
+        """The absolute offset of the last newline in [lo, hi), or -1."""
+        if hi <= lo:
+            return -1
+        cap = self.capacity
+        base = lo - lo % cap  # the absolute offset of _buf[0] for lo's lap
+        if hi > base + cap:  # the range wraps: look at the newer part first
+            found = self._buf.rfind(b"\n", 0, hi - base - cap)
+            if found >= 0:
+                return base + cap + found
+            hi = base + cap
+        found = self._buf.rfind(b"\n", lo - base, hi - base)
+        return base + found if found >= 0 else -1
 
 
 class LogStore:
