@@ -26,6 +26,8 @@ from dynsup.logs import (
 )
 from dynsup.logs.journald import MEMFD_THRESHOLD, encode_entry, field_name
 
+from .daemon_helpers import py_command, run_dynsupd, write_unit
+
 if TYPE_CHECKING:
     from tests.journald_fixture import Journald
 
@@ -154,6 +156,52 @@ def test_unit_output_is_one_entry_per_line(sender: JournalSender, journald_insta
         assert entry["DYNSUP_STREAM"] == "stderr"
         assert entry["DYNSUP_PID"] == "4242"
         assert entry["DYNSUP_NODE"] == "node-7"
+
+
+def test_every_line_a_unit_prints_reaches_journald_with_its_fields(
+    tmp_path: Path, journald_instance: Journald
+) -> None:
+    """Through the whole daemon: pipes, pump, rings, forwarder; both streams, in order."""
+    unit = unique("unit")
+    stdout_lines, stderr_lines = 3000, 40
+    command = py_command(f"""
+        import os, sys
+        pid = os.getpid()
+        out = open(1, "w", buffering=8192, closefd=False)  # block-buffered: big reads
+        for i in range({stdout_lines}):
+            out.write("%d out %d %s\\n" % (pid, i, "x" * (i % 300)))
+            if i % 100 == 0:
+                print(pid, "err", i // 100, file=sys.stderr, flush=True)
+        out.flush()
+    """)
+    units = tmp_path / "units"
+    unit_file = f"""
+        [unit]
+        autostart = false
+        [service]
+        command = {command}
+        restart = "no"
+        start_seconds = 0
+    """
+    write_unit(units, unit, unit_file)
+    env = {"DYNSUP_JOURNAL_SOCKET": journald_instance.socket_path}
+    with run_dynsupd(tmp_path, units, env=env) as daemon:
+        assert daemon.ctl("start", "--no-wait", unit).returncode == 0
+        entries = journald_instance.entries(unit, count=stdout_lines + stderr_lines)
+    by_stream: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    pids = set()
+    for entry in entries:
+        assert entry["SYSLOG_IDENTIFIER"] == unit
+        assert entry["DYNSUP_UNIT"] == unit
+        assert entry["DYNSUP_NODE"] == socket.gethostname()
+        assert entry["PRIORITY"] == "6"
+        pid, rest = entry["MESSAGE"].split(" ", 1)
+        assert entry["DYNSUP_PID"] == pid
+        pids.add(pid)
+        by_stream[entry["DYNSUP_STREAM"]].append(rest)
+    assert len(pids) == 1
+    assert by_stream["stdout"] == [f"out {i} {'x' * (i % 300)}" for i in range(stdout_lines)]
+    assert by_stream["stderr"] == [f"err {i}" for i in range(stderr_lines)]
 
 
 def test_unfinished_line_keeps_the_pid_that_wrote_it(dgram_server: tuple[str, socket.socket]):
