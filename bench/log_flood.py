@@ -320,8 +320,10 @@ def dynsup(*, follow: bool, journal: bool, probe: bool = False) -> Callable[[Ben
         env["DYNSUP_JOURNAL_SOCKET"] = (b.journal if journal else None) or str(b.tmp / "none")
         with open(b.tmp / "dynsupd.log", "w") as log:
             daemon = subprocess.Popen(
-                [*os.environ.get("DYNSUPD_PREFIX", "").split(), str(BIN / "dynsupd"), "--socket", str(sock), "--state-dir",
-                 str(b.tmp / "state"), "--log-format", "json", str(units)],
+                # DYNSUPD_PREFIX: e.g. "python -m cProfile -o FILE" to profile the daemon.
+                [*os.environ.get("DYNSUPD_PREFIX", "").split(), str(BIN / "dynsupd"),
+                 "--socket", str(sock), "--state-dir", str(b.tmp / "state"),
+                 "--log-format", "json", str(units)],
                 stdout=subprocess.DEVNULL, stderr=log, env=env,
             )  # fmt: skip
         try:

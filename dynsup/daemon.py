@@ -338,6 +338,7 @@ class Daemon:
             tg.start_soon(keep_running, "pump", backend.pump, output_consumer(hub, journal))
             if journal is not None:
                 tg.start_soon(keep_running, "journal_flush", flush_journal_on_exit, engine, journal)
+                tg.start_soon(keep_running, "journal_backlog", journal.sender.run_backlog)
             tg.start_soon(keep_running, "watchdog", notifier.run_watchdog)
             wanted = {n for n, spec in self.specs.items() if desired.wants(n, spec.autostart)}
             tg.start_soon(keep_running, "systemd", report_to_systemd, engine, notifier, wanted)

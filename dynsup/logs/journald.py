@@ -5,8 +5,11 @@ An entry is one datagram of fields (https://systemd.io/JOURNAL_NATIVE_PROTOCOL/)
 value holds a newline. An entry too big for a datagram goes in a sealed
 memfd whose descriptor is sent alone (SCM_RIGHTS, empty payload).
 
-The socket is non-blocking: when journald falls behind, entries are
-dropped and counted, because a unit's output must never wait on journald.
+The socket is non-blocking, and a unit's output never waits on journald:
+when journald's queue is full (only 10 datagrams by default,
+net.unix.max_dgram_qlen), entries wait in a bounded backlog that
+`JournalSender.run_backlog` sends as journald takes them; past the bound
+they are dropped and counted.
 
 `UnitOutputForwarder` turns a unit's log chunks into one entry per line,
 with ``SYSLOG_IDENTIFIER=<unit>`` and the ``DYNSUP_*`` fields.
@@ -23,8 +26,11 @@ import re
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+
+import anyio
 
 from ..agent_api import LogChunk
 
@@ -46,6 +52,8 @@ MAX_LINE = 48 * 1024
 MEMFD_THRESHOLD = 200 * 1024
 # Room for bursts of lines; the kernel caps it at wmem_max.
 _SNDBUF = 8 << 20
+# What may wait for journald (the rate limit keeps a unit far below it).
+_BACKLOG_BYTES = 8 << 20
 _FIELD_NAME_MAX = 64  # journald rejects longer field names
 _INVALID_FIELD_CHARS = re.compile(r"[^A-Z0-9_]")
 # Fields the caller of send() may not override through `fields`.
@@ -101,8 +109,9 @@ def journal_is_live(path: str = JOURNAL_SOCKET) -> bool:
 @dataclass(frozen=True)
 class JournalStatistics:
     sent: int
-    dropped: int  # journald's queue was full (EAGAIN): dropped, never waited for
+    dropped: int  # journald's queue and the backlog were full: dropped, never waited for
     failed: int  # other errors, e.g. journald went away
+    backlog: int  # entries waiting for journald to take them
 
 
 class JournalSender:
@@ -120,6 +129,11 @@ class JournalSender:
         self._sent = 0
         self._dropped = 0
         self._failed = 0
+        # Invariant: while the backlog is not empty, new entries join it, so
+        # journald gets them in order.
+        self._backlog: deque[bytes] = deque()
+        self._backlog_bytes = 0
+        self._queued: anyio.Event | None = None  # created by run_backlog's wait
 
     @classmethod
     def open(cls, path: str = JOURNAL_SOCKET) -> JournalSender | None:
@@ -136,7 +150,9 @@ class JournalSender:
         self.close()
 
     def statistics(self) -> JournalStatistics:
-        return JournalStatistics(sent=self._sent, dropped=self._dropped, failed=self._failed)
+        return JournalStatistics(
+            sent=self._sent, dropped=self._dropped, failed=self._failed, backlog=len(self._backlog)
+        )
 
     def send(
         self,
@@ -166,11 +182,12 @@ class JournalSender:
         """Send an encoded entry: a datagram, or a memfd when it is too big for one."""
         if len(payload) > MEMFD_THRESHOLD:
             return self._send_memfd(payload)
+        if self._backlog:
+            return self._enqueue(payload)
         try:
             self._sock.sendto(payload, self.path)
         except BlockingIOError:
-            self._dropped += 1
-            return False
+            return self._enqueue(payload)
         except OSError as e:
             if e.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
                 self._failed += 1
@@ -178,6 +195,49 @@ class JournalSender:
             return self._send_memfd(payload)
         self._sent += 1
         return True
+
+    def _enqueue(self, payload: bytes) -> bool:
+        if self._backlog_bytes + len(payload) > _BACKLOG_BYTES:
+            self._dropped += 1
+            return False
+        self._backlog.append(payload)
+        self._backlog_bytes += len(payload)
+        if self._queued is not None:
+            self._queued.set()
+        return True
+
+    async def run_backlog(self) -> None:
+        """Send the backlog as journald takes it; runs as long as the sender is used."""
+        while True:
+            while self._backlog:
+                payload = self._backlog[0]
+                try:
+                    self._sock.sendto(payload, self.path)
+                except BlockingIOError:
+                    await self._wait_journald()
+                    continue
+                except OSError:
+                    self._failed += 1
+                else:
+                    self._sent += 1
+                self._backlog.popleft()
+                self._backlog_bytes -= len(payload)
+            self._queued = anyio.Event()
+            await self._queued.wait()
+            self._queued = None
+
+    async def _wait_journald(self) -> None:
+        """Until journald's queue has room: a connected datagram socket polls
+        writable only then (our own socket is unconnected, see __init__)."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(self.path)
+            with anyio.move_on_after(1.0):  # a journald that restarted: try the new one
+                await anyio.wait_writable(probe)
+        except OSError:
+            await anyio.sleep(0.1)  # journald is away: try again soon
+        finally:
+            probe.close()
 
     def _send_memfd(self, payload: bytes) -> bool:
         try:
