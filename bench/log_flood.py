@@ -335,9 +335,15 @@ def dynsup(*, follow: bool, journal: bool, probe: bool = False) -> Callable[[Ben
             note = ""
             if follower is not None:
                 written = int(result.read_text()) * LINE_BYTES
-                deadline = time.monotonic() + 30
+                # The follower drains the end; a gap it was told of never fills, so
+                # stop once nothing came for a second (bounded by the deadline).
+                deadline, seen, still = time.monotonic() + 30, -1, time.monotonic()
                 while follower.bytes < written and time.monotonic() < deadline:
-                    time.sleep(0.1)  # the follower drains the end; bounded by the deadline
+                    if follower.bytes != seen:
+                        seen, still = follower.bytes, time.monotonic()
+                    elif time.monotonic() - still > 1.0:
+                        break
+                    time.sleep(0.1)
                 missed = follower.stop()
                 note = f"tail -f got {follower.bytes / written:.1%}"
                 note += f", told of {missed / written:.1%} missed" if missed else ""
