@@ -64,11 +64,14 @@ sys.path.insert(0, str(REPO))
 from dynsup.process import PIPE_SIZE  # noqa: E402
 from tests.journald_fixture import JournaldUnavailable, live_journald  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from restart_latency import SV_REQUIREMENT, SV_VENV, ensure_venv  # noqa: E402
+from stop_scale import CIRCUS_REQUIREMENT, CIRCUS_VENV  # noqa: E402
+
 BIN = REPO / ".venv" / "bin"
-BENCH_DIR = REPO / "bench"
-PEERS = {
-    "supervisord": (BENCH_DIR / ".venv-supervisord", "supervisor==4.3.*", "supervisord"),
-    "circus": (BENCH_DIR / ".venv-circus", "circus", "circusd"),
+PEERS = {  # the same venvs and versions as stop_scale.py and restart_latency.py
+    "supervisord": (SV_VENV, SV_REQUIREMENT, "supervisord"),
+    "circus": (CIRCUS_VENV, CIRCUS_REQUIREMENT, "circusd"),
 }
 
 CHILD = textwrap.dedent(
@@ -192,13 +195,8 @@ def bare_pipe(b: Bench) -> Sample:
 
 
 def ensure_peer(name: str) -> Path:
-    venv, requirement, exe = PEERS[name]
-    if not (venv / "bin" / exe).exists():
-        print(f"installing {requirement} into {venv} ...", file=sys.stderr)
-        base = getattr(sys, "_base_executable", None) or sys.executable
-        subprocess.run([base, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", requirement], check=True)
-    return venv / "bin" / exe
+    venv, requirement, program = PEERS[name]
+    return ensure_venv(venv, requirement, program)
 
 
 def supervisord(b: Bench) -> Sample:
