@@ -26,8 +26,15 @@ class PortBusy(SpawnError):
 
 
 class StopFailed(AgentError):
-    """Processes of the group survived SIGKILL (uninterruptible sleep, say): the unit
-    cannot be declared stopped, and what it holds (ports, GPUs) cannot be reused."""
+    """SIGKILL did not end every process of a group in time (uninterruptible sleep, say).
+
+    ``pids`` are the processes still there; the unit must stay STOPPING with a
+    loud error rather than be restarted next to them.
+    """
+
+    def __init__(self, message: str, pids: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.pids = pids or []
 
 
 class NotRunning(AgentError):
@@ -127,7 +134,10 @@ class Agent(Protocol):
         ...
 
     async def stop(self, name: str, stop_signal: str, timeout: float) -> ExitStatus | None:
-        """Signal the group, wait until it is empty up to timeout, then SIGKILL everything."""
+        """Signal the group, wait until it is empty up to timeout, then SIGKILL everything.
+
+        Raises StopFailed when processes outlive SIGKILL by a few seconds.
+        """
         ...
 
     async def send_signal(self, name: str, sig: str) -> None: ...

@@ -15,10 +15,19 @@ its group (vLLM's EngineCore and workers do). Programs that call
 Each found process is remembered with its kernel start time, and checked
 again before any signal, so a reused pid is never hit.
 
+Where cgroup v2 is writable (see `cgroups`), each group also lives in a
+cgroup of its own: membership is the kernel's, "empty" is an inotify event
+and ``cgroup.kill`` ends it; escapees cannot exist. Elsewhere the lineage
+(see `lineage`) finds what left the group.
+
 The leader's exit is learned from a pidfd becoming readable (event-driven,
-no polling, no SIGCHLD handler). There is no kernel event for "a process
-group became empty", so only that wait polls, with a short interval, and
-only while a stop or a post-exit clean-up is in progress.
+no polling, no SIGCHLD handler). Without cgroups there is no kernel event for
+"a process group became empty", so only that wait polls, with a short
+interval, one shared scan per tick, and only while a stop or a post-exit
+clean-up is in progress.
+
+SIGKILL is bounded: what is still there ``KILL_GRACE`` seconds after it (a
+process in uninterruptible sleep) raises `StopFailed` naming the pids.
 """
 
 from __future__ import annotations
@@ -30,13 +39,16 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.to_thread
 import psutil
 
-from .agent_api import ExitStatus, SpawnError
+from .agent_api import ExitStatus, SpawnError, StopFailed
+from .cgroups import UnitCgroup
+from .lineage import Known, Lineage, Scan, is_same, read_stat
 from .signals import parse_signal
 
 TOKEN_VAR = "DYNSUP_TOKEN"
@@ -46,6 +58,10 @@ PIPE_SIZE = 1 << 20
 # well-behaved program that exits at once is noticed within a few ms.
 _EMPTY_POLL_FIRST = 0.002
 _EMPTY_POLL_MAX = 0.05
+# How long processes may outlive SIGKILL before the stop fails loudly: the
+# kernel ends a killed process within milliseconds unless it sleeps
+# uninterruptibly (a hung NFS or GPU driver call), which may last forever.
+KILL_GRACE = 5.0
 
 
 def become_subreaper() -> bool:
@@ -68,17 +84,45 @@ def exit_status_from_wait(status: int) -> ExitStatus:
     return ExitStatus(code=code, signal=None)
 
 
-@dataclass(frozen=True)
-class _Known:
-    pid: int
-    start_time: float
-
-
 def _enlarge_pipe(fd: int) -> None:
     """A 1 MiB pipe (Linux's default is 64 KiB): a child printing in bursts goes on
     writing while the agent is busy elsewhere, and each read takes more at once."""
     with contextlib.suppress(OSError):  # over /proc/sys/fs/pipe-max-size: keep the default
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
+Scanner = Callable[[], Awaitable[Scan]]
+
+
+def _check_nul(name: str, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> None:
+    """exec takes C strings: name the key holding a NUL byte (Popen says only "embedded null")."""
+    for i, arg in enumerate(argv):
+        if "\0" in arg:
+            raise SpawnError(f"{name}: command[{i}] contains a NUL byte")
+    for key, value in env.items():
+        if "\0" in key or "\0" in value:
+            raise SpawnError(f"{name}: environment {key!r} contains a NUL byte")
+    if cwd is not None and "\0" in cwd:
+        raise SpawnError(f"{name}: working_directory contains a NUL byte")
+
+
+def _enter_cgroup(procs_fd: int) -> Callable[[], None]:
+    """The child's first act after fork: move itself into its cgroup ("0" = the writer).
+
+    Python 3.11's subprocess has no ``cgroup=`` (clone3 CLONE_INTO_CGROUP);
+    moving the child from the parent after Popen returns races with an
+    early fork. A preexec_fn runs in the child after fork and before exec,
+    so nothing the program does can precede it. It does one write(2) to an
+    fd the parent opened, so it takes no lock another thread could hold
+    (the hazard the docs warn of). The fd is O_CLOEXEC and closed by
+    close_fds after preexec_fn: the program never sees it. Cost: fork
+    instead of vfork for these spawns.
+    """
+
+    def enter() -> None:
+        os.write(procs_fd, b"0")
+
+    return enter
 
 
 @dataclass
@@ -91,11 +135,13 @@ class ProcessGroup:
     token: str
     stdout_fd: int
     stderr_fd: int
+    cgroup: UnitCgroup | None = None
     status: ExitStatus | None = None
     _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _leader_gone: anyio.Event = field(default_factory=anyio.Event, repr=False)
     _teardown_lock: anyio.Lock = field(default_factory=anyio.Lock, repr=False)
-    _escapees: set[_Known] = field(default_factory=set, repr=False)
+    _scanner: Scanner | None = field(default=None, repr=False)
+    _lineage: Lineage | None = field(default=None, repr=False)  # without an agent's scanner
 
     @property
     def pgid(self) -> int:
@@ -110,33 +156,57 @@ class ProcessGroup:
         argv: list[str],
         env: dict[str, str],
         cwd: str | None,
+        cgroup: UnitCgroup | None = None,
+        scanner: Scanner | None = None,
     ) -> ProcessGroup:
+        """Start argv as a session leader (in cgroup, when given); SpawnError when it cannot run.
+
+        scanner: the agent's shared lineage scan; without one (a group on its
+        own) each stop tick scans by itself.
+        """
         if not argv:
             raise SpawnError(f"{name}: empty command")
+        _check_nul(name, argv, env, cwd)
         token = f"{name}:{uuid.uuid4().hex}"
         child_env = {**env, TOKEN_VAR: token}
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        for fd in (out_r, err_r):
-            _enlarge_pipe(fd)
-        try:
-            popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                env=child_env,
-                cwd=cwd,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
+        # The child's ends are closed always, ours on failure (trio's _open_process).
+        with contextlib.ExitStack() as always, contextlib.ExitStack() as on_failure:
+            out_r, out_w = os.pipe()
+            on_failure.callback(os.close, out_r)
+            always.callback(os.close, out_w)
+            err_r, err_w = os.pipe()
+            on_failure.callback(os.close, err_r)
+            always.callback(os.close, err_w)
             for fd in (out_r, err_r):
-                os.close(fd)
-            raise SpawnError(f"{name}: cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
-        finally:
-            os.close(out_w)
-            os.close(err_w)
+                _enlarge_pipe(fd)
+            preexec = None
+            if cgroup is not None:
+                try:
+                    procs_fd = cgroup.open_procs()
+                except OSError as exc:
+                    raise SpawnError(f"{name}: cannot open its cgroup: {exc}") from exc
+                always.callback(os.close, procs_fd)
+                preexec = _enter_cgroup(procs_fd)
+            try:
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out_w,
+                    stderr=err_w,
+                    env=child_env,
+                    cwd=cwd,
+                    start_new_session=True,
+                    close_fds=True,
+                    preexec_fn=preexec,
+                )
+            except OSError as exc:
+                raise SpawnError(f"{name}: cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
+            except subprocess.SubprocessError as exc:
+                # Only our preexec_fn raises this: the cgroup refused the child.
+                raise SpawnError(f"{name}: cannot enter cgroup {cgroup}: {exc}") from exc
+            except (ValueError, TypeError) as exc:
+                raise SpawnError(f"{name}: cannot run {argv[0]!r}: {exc}") from exc
+            on_failure.pop_all()
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
         try:
@@ -150,7 +220,9 @@ class ProcessGroup:
             token=token,
             stdout_fd=out_r,
             stderr_fd=err_r,
+            cgroup=cgroup,
             _popen=popen,
+            _scanner=scanner,
         )
 
     # -- the leader -------------------------------------------------------
@@ -184,63 +256,38 @@ class ProcessGroup:
         self._leader_gone.set()
         return self.status
 
+    async def wait_leader_gone(self) -> ExitStatus:
+        await self._leader_gone.wait()
+        assert self.status is not None
+        return self.status
+
     @property
     def leader_alive(self) -> bool:
         return not self._leader_gone.is_set()
 
     # -- the group and its escapees ------------------------------------------
 
-    def members(self) -> list[_Known]:
-        """Living processes of this unit besides the leader: its group, and escapees.
+    async def members(self) -> list[Known]:
+        """Living processes of this unit besides the leader (read in a worker thread)."""
+        if self.cgroup is not None:
+            cg = self.cgroup
+            pids = await anyio.to_thread.run_sync(cg.pids)
+            return [k for k in map(_known_now, pids) if k is not None and k.pid != self.pid]
+        scan = await (self._scanner or self._own_scan)()
+        return scan.members.get(self.name, [])
 
-        Candidates are our own descendants (the subreaper keeps orphans
-        among them); a candidate belongs to the unit when it is in the
-        unit's process group or carries the unit's token.
-        """
-        found: list[_Known] = []
-        candidates = [psutil.Process(pid) for pid in own_descendants()]
-        for proc in candidates:
-            if proc.pid == self.pid:
-                continue  # the leader is reaped by watch_leader only
-            try:
-                pgid = _pgid_of(proc.pid)
-                if proc.status() == psutil.STATUS_ZOMBIE:
-                    # Reap only what is provably ours: another unit's leader is a
-                    # zombie of ours too until its own watcher reaps it.
-                    known = _Known(proc.pid, proc.create_time())
-                    if pgid == self.pgid or known in self._escapees:
-                        self._reap_if_ours(proc.pid)
-                    continue
-                if pgid == self.pgid:
-                    found.append(_Known(proc.pid, proc.create_time()))
-                elif self._has_token(proc):
-                    known = _Known(proc.pid, proc.create_time())
-                    self._escapees.add(known)
-                    found.append(known)
-            except psutil.Error:
-                continue
-        return found
-
-    def _has_token(self, proc: psutil.Process) -> bool:
-        try:
-            return proc.environ().get(TOKEN_VAR) == self.token
-        except (psutil.Error, OSError):
-            return False
-
-    @staticmethod
-    def _reap_if_ours(pid: int) -> None:
-        try:
-            if psutil.Process(pid).ppid() == os.getpid():
-                os.waitpid(pid, os.WNOHANG)
-        except (psutil.Error, ChildProcessError):
-            pass
+    async def _own_scan(self) -> Scan:
+        if self._lineage is None:
+            self._lineage = Lineage(TOKEN_VAR)
+            self._lineage.add(self.name, self.pid, self.token)
+        return await self._lineage.scan()
 
     def send_signal(self, sig: signal.Signals) -> None:
         """Signal the whole group (what `dynsupctl signal` and a stop do first)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pgid, sig)
 
-    def send_signal_to(self, sig: signal.Signals, members: Iterable[_Known]) -> None:
+    def send_signal_to(self, sig: signal.Signals, members: Iterable[Known]) -> None:
         """Signal each escapee that is still the process we recorded."""
         for known in members:
             if _pgid_of(known.pid) != self.pgid:
@@ -259,23 +306,59 @@ class ProcessGroup:
         """Stop everything of this unit: sig, wait until empty up to timeout, then SIGKILL.
 
         Returns once the leader is reaped and no member or escapee is alive.
+        Raises StopFailed when something outlives SIGKILL by KILL_GRACE.
         Safe to call concurrently and repeatedly; later callers find nothing left.
         """
         async with self._teardown_lock:
+            if self.cgroup is not None:
+                await self._terminate_cgroup(self.cgroup, sig, timeout)
+                return
             if await self._signal_until_gone(sig, timeout):
                 return
-            # Repeat until nothing is left: a member may fork while being killed.
-            while not await self._signal_until_gone(signal.SIGKILL, 1.0):
-                pass
+            with anyio.move_on_after(KILL_GRACE):
+                # Repeat until nothing is left: a member may fork while being killed.
+                while not await self._signal_until_gone(signal.SIGKILL, 1.0):
+                    pass
+                return
+            left = [m.pid for m in await self.members()]
+            if self.leader_alive:
+                left.insert(0, self.pid)
+            raise self._stop_failed(left)
+
+    def _stop_failed(self, pids: list[int]) -> StopFailed:
+        return StopFailed(
+            f"{self.name}: pids {' '.join(map(str, pids)) or '?'} still there "
+            f"{KILL_GRACE:g}s after SIGKILL (uninterruptible sleep?)",
+            pids,
+        )
+
+    async def _terminate_cgroup(self, cg: UnitCgroup, sig: signal.Signals, timeout: float) -> None:
+        if cg.populated() or self.leader_alive:
+            self.send_signal(sig)
+            # Members that left the process group get sig too (each checked
+            # to be in the cgroup still, through a pidfd: never a reused pid).
+            for pid in await anyio.to_thread.run_sync(cg.pids):
+                _signal_in_cgroup(pid, cg, sig)
+            with anyio.move_on_after(timeout):
+                await cg.wait_empty()
+                await self._leader_gone.wait()
+                return
+            # Atomic: a member forking in a loop cannot outrun it.
+            cg.kill()
+            with anyio.move_on_after(KILL_GRACE):
+                await cg.wait_empty()
+                await self._leader_gone.wait()
+                return
+            raise self._stop_failed(await anyio.to_thread.run_sync(cg.pids))
 
     async def _signal_until_gone(self, sig: signal.Signals, timeout: float) -> bool:
         """Send sig to the group and to every member found, until all are gone or timeout."""
-        signalled: set[_Known] = set()
+        signalled: set[Known] = set()
         group_signalled = False
         interval = _EMPTY_POLL_FIRST
         with anyio.move_on_after(timeout):
             while True:
-                members = self.members()
+                members = await self.members()
                 if not self.leader_alive and not members and self._group_empty():
                     return True
                 if not group_signalled:
@@ -290,30 +373,26 @@ class ProcessGroup:
         return False
 
 
-def own_descendants(root: int | None = None) -> list[int]:
-    """Pids below root (default: this process), read from /proc/<pid>/task/*/children.
+def _known_now(pid: int) -> Known | None:
+    stat = read_stat(pid)
+    return None if stat is None else Known(pid, stat.start)
 
-    Walks only our own tree, so its cost grows with what we supervise, not with
-    every process on the node (psutil's children() reads all of /proc).
-    """
-    root = os.getpid() if root is None else root
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    children = [int(c) for c in f.read().split()]
-            except (OSError, ValueError):
-                continue
-            found.extend(children)
-            todo.extend(children)
-    return found
+
+def _signal_in_cgroup(pid: int, cg: UnitCgroup, sig: signal.Signals) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        # The pidfd pins the process: if it is still in the cgroup now, it is ours.
+        with open(f"/proc/{pid}/cgroup") as f:
+            if not f.read().rstrip().endswith("/" + cg.path.name):
+                return
+        signal.pidfd_send_signal(pidfd, sig)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def _pgid_of(pid: int) -> int | None:
@@ -323,11 +402,9 @@ def _pgid_of(pid: int) -> int | None:
         return None
 
 
-def _kill_if_same(known: _Known, sig: signal.Signals) -> None:
+def _kill_if_same(known: Known, sig: signal.Signals) -> None:
     """Signal pid only if it is still the process recorded (start time matches)."""
-    try:
-        if psutil.Process(known.pid).create_time() != known.start_time:
-            return
+    if not is_same(known):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(known.pid, sig)
-    except (psutil.Error, ProcessLookupError, PermissionError):
-        pass
