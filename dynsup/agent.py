@@ -11,6 +11,7 @@ slow supervisor or a slow `tail`.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,10 +31,14 @@ from .agent_api import (
     Spawned,
     SpawnError,
     SpawnRequest,
+    StopFailed,
 )
+from .cgroups import AgentCgroups, CgroupUnavailable, enabled_by_env
+from .lineage import SAMPLE_INTERVAL, Known, Lineage
 from .logs import LogStore
 from .logs.pump import pump_pipe
-from .process import ProcessGroup, become_subreaper, signal_by_name
+from .process import TOKEN_VAR, ProcessGroup, become_subreaper, signal_by_name
+from .warden import Warden
 
 log = structlog.get_logger("dynsup.agent")
 
@@ -89,19 +94,45 @@ class LocalAgent:
         node: str | None = None,
         log_capacity: int = 1 << 20,
         env: Mapping[str, str] | None = None,
+        cgroups: bool | None = None,
+        warden: Warden | None = None,
     ) -> None:
-        """``env``: added to every child's environment (a warden's mark)."""
+        """``env``: added to every child's environment (a warden's mark).
+
+        ``cgroups``: one cgroup v2 per process group where the kernel allows
+        (None: unless ``DYNSUP_CGROUPS=0``); False forces the process-group mode.
+        ``warden``: told the agent's cgroup and the escapees it sees.
+        """
         self.node = node or socket.gethostname()
         self._env = dict(env or {})
         self.logs = LogStore(capacity=log_capacity)
         self._hosted: dict[str, _Hosted] = {}
         self._tg: TaskGroup | None = None
         self.subreaper = False
+        self._want_cgroups = enabled_by_env() if cgroups is None else cgroups
+        self.cgroups: AgentCgroups | None = None
+        self._warden = warden
+        self._lineage = Lineage(TOKEN_VAR)
+        self._told_warden: set[Known] = set()
 
     async def __aenter__(self) -> LocalAgent:
         self.subreaper = become_subreaper()
+        if self._want_cgroups:
+            try:
+                self.cgroups = AgentCgroups.create()
+            except CgroupUnavailable as exc:
+                log.info("agent.no_cgroups", reason=str(exc))
+        mount_root = None
+        if self.cgroups is not None:
+            mount_root = self.cgroups.name
+            if self._warden is not None:
+                self._warden.guard_cgroup(str(self.cgroups.root))
+        self._lineage = Lineage(TOKEN_VAR, cgroup_root=mount_root)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
+        if self.cgroups is not None:
+            self._tg.start_soon(self.cgroups.run_events)
+        self._tg.start_soon(self._sample)
         return self
 
     async def __aexit__(
@@ -118,7 +149,11 @@ class LocalAgent:
                         tg.start_soon(self.stop, name, hosted.stop_signal, hosted.stop_timeout)
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(exc_type, exc, tb)
+        try:
+            return await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            if self.cgroups is not None:
+                self.cgroups.close()
 
     # -- the Agent contract --------------------------------------------------
 
@@ -132,7 +167,26 @@ class LocalAgent:
             if holder is not None:
                 raise PortBusy(f"{name}: port {port} is already in use on {self.node} ({holder})")
         full_env = {**inherited_env(request.unset_env), **request.env, **self._env}
-        group = ProcessGroup.spawn(name, list(request.argv), full_env, request.cwd)
+        cgroup = None
+        if self.cgroups is not None:
+            try:
+                cgroup = self.cgroups.add(name)
+            except OSError as exc:
+                raise SpawnError(f"{name}: cannot create its cgroup: {exc}") from exc
+        try:
+            group = ProcessGroup.spawn(
+                name,
+                list(request.argv),
+                full_env,
+                request.cwd,
+                cgroup=cgroup,
+                scanner=self._lineage.scan,
+            )
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        self._lineage.add(name, group.pid, group.token)
         hosted = _Hosted(group, request.stop_signal, request.stop_timeout, request.tag)
         self._hosted[name] = hosted
         assert self._tg is not None, "agent used outside its context"
@@ -207,12 +261,40 @@ class LocalAgent:
         status = await group.watch_leader()
         hosted.status = status
         hosted.leader_gone.set()
-        # What the leader left behind (an EngineCore holding GPU memory, say)
-        # must be gone before anyone hears of the exit and restarts the unit.
-        with anyio.CancelScope(shield=True):
-            await group.terminate(signal_by_name(hosted.stop_signal), hosted.stop_timeout)
+        try:
+            # What the leader left behind (an EngineCore holding GPU memory, say)
+            # must be gone before anyone hears of the exit and restarts the unit.
+            with anyio.CancelScope(shield=True):
+                await group.terminate(signal_by_name(hosted.stop_signal), hosted.stop_timeout)
+        except StopFailed as exc:
+            # Processes SIGKILL cannot end: the unit must not restart next to
+            # them. Keep trying, unshielded, so the agent's own exit still ends this.
+            log.error("process.stop_failed", unit=group.name, pids=exc.pids, error=str(exc))
+            while True:
+                try:
+                    await group.terminate(signal.SIGKILL, 0.0)
+                    break
+                except StopFailed:
+                    continue
+        finally:
+            self._lineage.remove(group.pid, group.token)
+            if group.cgroup is not None and not group.cgroup.remove():
+                log.error("process.cgroup_busy", unit=group.name, cgroup=str(group.cgroup.path))
         hosted.done.set()
         log.debug("process.exited", unit=group.name, pid=group.pid, status=status.describe())
+
+    async def _sample(self) -> None:
+        """Keep the lineage fresh and reap inherited orphans while anything is hosted."""
+        while True:
+            await anyio.sleep(SAMPLE_INTERVAL)
+            if not any(not h.done.is_set() for h in self._hosted.values()):
+                continue
+            scan = await self._lineage.scan()
+            if self._warden is not None and self.cgroups is None:
+                seen = {k for members in scan.members.values() for k in members}
+                fresh = seen - self._told_warden
+                self._warden.guard_pids((k.pid, k.start) for k in fresh)
+                self._told_warden = seen
 
     async def _pump(self, group: ProcessGroup, fd: int, stream: str) -> None:
         """Drain one pipe until EOF: every byte goes to the ring buffers."""

@@ -90,7 +90,7 @@ async def open_local() -> AsyncIterator[Backend]:
     # would run on as orphans, holding their ports. Its warden kills them.
     warden = Warden(f"local/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}")
     try:
-        async with LocalAgent(env={MARK_VAR: warden.mark}) as agent:
+        async with LocalAgent(env={MARK_VAR: warden.mark}, warden=warden) as agent:
             yield _local_backend(agent)
     finally:
         with anyio.CancelScope(shield=True):

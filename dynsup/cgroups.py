@@ -143,8 +143,9 @@ class UnitCgroup:
 class AgentCgroups:
     """One agent's cgroup subtree and the inotify fd that reports its leaves emptying."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, mount: Path, root: Path) -> None:
         self.root = root
+        self.name = "/" + str(root.relative_to(mount))  # as /proc/<pid>/cgroup writes it
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._fd = self._libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if self._fd < 0:
@@ -174,7 +175,7 @@ class AgentCgroups:
                 raise CgroupUnavailable("no cgroup.kill (kernel before 5.14)")
         except OSError as exc:
             raise CgroupUnavailable(f"cannot create {root}: {exc}") from exc
-        return cls(root)
+        return cls(mount, root)
 
     def add(self, name: str) -> UnitCgroup:
         path = self.root / name

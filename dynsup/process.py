@@ -256,11 +256,6 @@ class ProcessGroup:
         self._leader_gone.set()
         return self.status
 
-    async def wait_leader_gone(self) -> ExitStatus:
-        await self._leader_gone.wait()
-        assert self.status is not None
-        return self.status
-
     @property
     def leader_alive(self) -> bool:
         return not self._leader_gone.is_set()

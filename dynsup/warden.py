@@ -8,7 +8,18 @@ holding its GPU memory and ports, which the next daemon cannot start again.
 Every child of an agent inherits ``DYNSUP_AGENT=<mark>``. The warden,
 started by the agent in a session of its own, blocks reading a pipe whose
 only writer is the agent; when the agent dies the pipe closes and the
-warden SIGKILLs every process carrying the mark, until a scan finds none.
+warden kills, until a scan finds none:
+
+* with cgroups, everything in the agent's cgroup subtree (``cgroup.kill``
+  on it): nothing escapes, whatever it did with sessions or environment;
+* every process carrying the mark;
+* every (pid, start time) the agent told it about as it saw them (the
+  lineage of the fallback mode), so an escapee that cleared its
+  environment dies too once the agent had seen it. What the agent never
+  saw without cgroups (forked, orphaned and re-exec'ed with an empty
+  environment between two of its scans) the warden cannot find: orphans
+  of a dead daemon are re-parented to init, and nothing ties them to it.
+
 It is stdlib Python reading /proc, so it needs nothing of dynsup.
 """
 
@@ -19,7 +30,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import psutil
 
@@ -29,21 +40,46 @@ _SCRIPT = r"""
 import os, signal, sys, time
 var, mark = sys.argv[1], sys.argv[2]
 entry = f"{var}={mark}".encode()
-sys.stdin.buffer.read()  # returns at EOF: the agent is gone (or shut down)
+cgroups, known = [], set()
+for line in sys.stdin.buffer:  # ends at EOF: the agent is gone (or shut down)
+    kind, _, rest = line.decode().strip().partition(" ")
+    if kind == "cgroup":
+        cgroups.append(rest)
+    elif kind == "pid":
+        known.add(tuple(rest.split()))
+def start_of(pid):
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    return raw[raw.rfind(b")") + 2 :].split()[19].decode()
 def marked():
     found = []
     for name in os.listdir("/proc"):
         if name.isdigit() and int(name) != os.getpid():
             try:
+                if (name, start_of(name)) in known:
+                    found.append(int(name))
+                    continue
                 with open(f"/proc/{name}/environ", "rb") as f:
                     if entry in f.read().split(b"\0"):
                         found.append(int(name))
-            except OSError:
+            except (OSError, IndexError):
                 pass
     return found
+def populated(path):
+    try:
+        with open(os.path.join(path, "cgroup.events")) as f:
+            return "populated 1" in f.read()
+    except OSError:
+        return False
+for path in cgroups:
+    try:
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1")
+    except OSError:
+        pass
 for _ in range(500):  # again until a scan finds nothing: a victim may fork meanwhile
     pids = marked()
-    if not pids:
+    if not pids and not any(populated(p) for p in cgroups):
         break
     for pid in pids:
         try:
@@ -51,6 +87,17 @@ for _ in range(500):  # again until a scan finds nothing: a victim may fork mean
         except OSError:
             pass
     time.sleep(0.01)
+for path in cgroups:  # leaves first, then the agent's own
+    for leaf in (os.scandir(path) if os.path.isdir(path) else []):
+        if leaf.is_dir():
+            try:
+                os.rmdir(leaf.path)
+            except OSError:
+                pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 """
 
 
@@ -74,6 +121,22 @@ class Warden:
     @property
     def pid(self) -> int:
         return self._process.pid
+
+    def guard_cgroup(self, path: str) -> None:
+        """Kill everything below this cgroup when the agent dies."""
+        self._tell(f"cgroup {path}")
+
+    def guard_pids(self, known: Iterable[tuple[int, int]]) -> None:
+        """Kill these (pid, start ticks) too, if still the same processes."""
+        self._tell("".join(f"pid {pid} {start}\n" for pid, start in known).rstrip("\n"))
+
+    def _tell(self, text: str) -> None:
+        if not text or self._process.stdin is None or self._process.stdin.closed:
+            return
+        # The warden reads at once, and lines are short: a full pipe means it died.
+        with contextlib.suppress(OSError):
+            self._process.stdin.write(text.encode() + b"\n")
+            self._process.stdin.flush()
 
     def release(self) -> None:
         """An orderly end (blocking): the warden sweeps once more, then exits."""

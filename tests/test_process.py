@@ -120,10 +120,13 @@ async def test_leftovers_die_when_the_leader_exits_by_itself() -> None:
 
 
 async def test_reused_pid_is_never_signalled() -> None:
-    from dynsup.process import _kill_if_same, _Known
+    from dynsup.lineage import Known, read_stat
+    from dynsup.process import _kill_if_same
 
     victim = ProcessGroup.spawn("t", python("import time; time.sleep(600)"), dict(os.environ), None)
-    wrong = _Known(victim.pid, victim.start_time - 100.0)  # as if the pid had been reused
+    stat = read_stat(victim.pid)
+    assert stat is not None
+    wrong = Known(victim.pid, stat.start - 100)  # as if the pid had been reused
     _kill_if_same(wrong, signal.SIGKILL)
     assert alive(victim.pid)
     async with anyio.create_task_group() as tg:

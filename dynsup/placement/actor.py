@@ -73,7 +73,7 @@ class AgentActor:
 
     async def _run_agent(self, started: asyncio.Future[LocalAgent]) -> None:
         try:
-            async with LocalAgent(log_capacity=self._log_capacity) as agent:
+            async with LocalAgent(log_capacity=self._log_capacity, warden=self._warden) as agent:
                 started.set_result(agent)
                 await self._closing.wait()
         except BaseException as exc:

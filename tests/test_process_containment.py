@@ -1,0 +1,232 @@
+"""Containment of a unit's processes, in both modes (cgroup v2, and process groups).
+
+Real processes and real signals; D state is produced with the cgroup v1
+freezer (a frozen task does not die of SIGKILL until thawed) where it is
+mounted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+from dynsup import process
+from dynsup.agent import LocalAgent
+from dynsup.agent_api import SpawnError, SpawnRequest, StopFailed
+from dynsup.cgroups import AgentCgroups, CgroupUnavailable
+from dynsup.process import ProcessGroup, become_subreaper
+
+from .helpers import alive
+
+pytestmark = pytest.mark.anyio
+
+FREEZER_V1 = Path("/sys/fs/cgroup/freezer")
+
+
+def _cgroups_work() -> bool:
+    try:
+        tree = AgentCgroups.create("probe-" + uuid.uuid4().hex[:8])
+    except CgroupUnavailable:
+        return False
+    tree.close()
+    return True
+
+
+CGROUPS = _cgroups_work()
+MODES = [
+    pytest.param(True, id="cgroups", marks=pytest.mark.skipif(not CGROUPS, reason="no cgroup v2")),
+    pytest.param(False, id="process-groups"),
+]
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+async def read_pids(fd: int, count: int) -> list[int]:
+    buf = b""
+    with anyio.fail_after(20):
+        while buf.count(b"\n") < count:
+            await anyio.wait_readable(fd)
+            buf += os.read(fd, 4096)
+    return [int(x) for x in buf.split()[:count]]
+
+
+@asynccontextmanager
+async def open_agent(cgroups: bool) -> AsyncIterator[LocalAgent]:
+    async with LocalAgent(cgroups=cgroups) as agent:
+        assert (agent.cgroups is not None) is cgroups
+        yield agent
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+async def test_members_survive_a_child_forking_short_lived_processes_while_stopped() -> None:
+    """psutil.NoSuchProcess escaped ProcessGroup.members() and killed the daemon."""
+    assert become_subreaper()
+    code = """
+        import os, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(os.getpid(), flush=True)
+        while True:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+    """
+    for _ in range(3):
+        group = ProcessGroup.spawn("forker", python(code), dict(os.environ), None)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(group.watch_leader)
+            await read_pids(group.stdout_fd, 1)
+            with anyio.fail_after(30):
+                await group.terminate(signal.SIGTERM, timeout=0.3)
+        assert group.status is not None and group.status.signal == "SIGKILL"
+        os.close(group.stdout_fd)
+        os.close(group.stderr_fd)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "cwd", "key"),
+    [
+        (["true"], {}, "/tmp\0x", "working_directory"),
+        (["true", "a\0b"], {}, None, "command[1]"),
+        (["true"], {"K": "v\0w"}, None, "environment 'K'"),
+    ],
+)
+async def test_nul_byte_in_a_spawn_is_a_spawn_error_naming_the_key_and_leaks_no_fd(
+    argv: list[str], env: dict[str, str], cwd: str | None, key: str
+) -> None:
+    async with LocalAgent(cgroups=CGROUPS) as agent:
+        before = open_fds()
+        with pytest.raises(SpawnError, match=key.replace("[", r"\[").replace("]", r"\]")):
+            await agent.spawn(SpawnRequest("nul", tuple(argv), env, cwd))
+        assert open_fds() == before
+        if agent.cgroups is not None:
+            assert agent.cgroups.leaves() == []
+
+
+async def test_a_failed_exec_closes_both_pipes() -> None:
+    before = open_fds()
+    with pytest.raises(SpawnError, match="cannot run"):
+        ProcessGroup.spawn("missing", ["/nonexistent/binary"], {}, None)
+    with pytest.raises(SpawnError, match="cannot run"):
+        ProcessGroup.spawn("badcwd", ["true"], {}, "/nonexistent/dir")
+    assert open_fds() == before
+
+
+@pytest.fixture
+def frozen_cgroup() -> AsyncIterator[Path]:
+    """A cgroup v1 freezer cgroup: its frozen tasks survive SIGKILL until thawed."""
+    if not (FREEZER_V1 / "freezer.state").exists() and not FREEZER_V1.is_dir():
+        pytest.skip("no cgroup v1 freezer to make a process unkillable")
+    path = FREEZER_V1 / f"dynsup-test-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot create a freezer cgroup: {exc}")
+    yield path
+    (path / "freezer.state").write_text("THAWED")
+    # The killed task dies once thawed; rmdir when it has.
+    for _ in range(1000):
+        try:
+            path.rmdir()
+            break
+        except OSError:
+            anyio.run(anyio.sleep, 0.01)
+
+
+@pytest.mark.parametrize("cgroups", MODES)
+async def test_stop_fails_loudly_when_sigkill_cannot_end_a_process(
+    cgroups: bool, frozen_cgroup: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SIGKILL retry loop spun forever on a process in D state; shutdown never ended."""
+    monkeypatch.setattr(process, "KILL_GRACE", 1.0)
+    async with open_agent(cgroups) as agent:
+        argv = python("import os, time; print(os.getpid(), flush=True); time.sleep(600)")
+        await agent.spawn(SpawnRequest("stuck", tuple(argv)))
+        hosted = agent._hosted["stuck"]
+        (pid,) = await read_pids_from_log(agent, "stuck", 1)
+        (frozen_cgroup / "cgroup.procs").write_text(str(pid))
+        (frozen_cgroup / "freezer.state").write_text("FROZEN")
+        with anyio.fail_after(30), pytest.raises(StopFailed) as failed:
+            await agent.stop("stuck", "SIGTERM", 0.2)
+        assert pid in failed.value.pids
+        assert str(pid) in str(failed.value)
+        assert alive(pid)
+        (frozen_cgroup / "freezer.state").write_text("THAWED")
+        with anyio.fail_after(30):
+            await agent.wait_exit("stuck")
+        assert hosted.status is not None and hosted.status.signal in ("SIGTERM", "SIGKILL")
+
+
+async def read_pids_from_log(agent: LocalAgent, name: str, count: int) -> list[int]:
+    with anyio.fail_after(20):
+        while True:
+            got = await agent.read_log(name, "stdout", 0, 1 << 16)
+            if got.data.count(b"\n") >= count:
+                return [int(x) for x in got.data.split()[:count]]
+            await agent.next_chunks(0, timeout=1.0)
+
+
+@pytest.mark.parametrize("cgroups", MODES)
+async def test_wait_leader_exit_returns_while_the_group_is_torn_down(cgroups: bool) -> None:
+    code = """
+        import os, subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        print(child.pid, flush=True)
+        os._exit(1)
+    """
+    async with open_agent(cgroups) as agent:
+        await agent.spawn(SpawnRequest("leader", tuple(python(code)), stop_timeout=600))
+        (child,) = await read_pids_from_log(agent, "leader", 1)
+        with anyio.fail_after(20):
+            status = await agent.wait_leader_exit("leader")
+        assert status.code == 1
+        assert alive(child)  # ignores SIGTERM; stop_timeout is long: the group lives on
+        assert not agent._hosted["leader"].done.is_set()
+        with anyio.fail_after(20):
+            await agent.stop("leader", "SIGKILL", 1.0)
+        assert not alive(child)
+
+
+ESCAPEE = """
+    import os, signal, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if len(sys.argv) > 1 and sys.argv[1] == "escapee":
+        # Re-exec'ed with an empty environment (env -i): no token, no mark.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.write(int(sys.argv[2]), (str(os.getpid()) + "\\n").encode())
+        time.sleep(600)
+        sys.exit()
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.execve(sys.executable, [sys.executable, "-c", CODE,
+                                       "escapee", str(w)], {})
+        # The middle process lingers so a scan (fallback mode) sees the lineage.
+        time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
+        os._exit(0)
+    print(os.getpid(), flush=True)
+    sys.stdout.write(os.read(r, 100).decode()); sys.stdout.flush()
+    time.sleep(600)
+"""
+
+
+def escapee_argv(linger: float) -> list[str]:
+    body = textwrap.dedent(ESCAPEE)
+    code = f"CODE = {body!r}\n{body}"
+    return [sys.executable, "-c", code, str(linger)]
