@@ -304,6 +304,10 @@ class ProcessGroup:
         Raises StopFailed when something outlives SIGKILL by KILL_GRACE.
         Safe to call concurrently and repeatedly; later callers find nothing left.
         """
+        if self._teardown_lock.locked():
+            # Another teardown runs (the clean-up after the leader's exit, with
+            # its own stop_timeout): this caller's signal and deadline apply too.
+            await self._hurry(sig, timeout)
         async with self._teardown_lock:
             if self.cgroup is not None:
                 await self._terminate_cgroup(self.cgroup, sig, timeout)
@@ -319,6 +323,17 @@ class ProcessGroup:
             if self.leader_alive:
                 left.insert(0, self.pid)
             raise self._stop_failed(left)
+
+    async def _hurry(self, sig: signal.Signals, timeout: float) -> None:
+        self.send_signal(sig)
+        with anyio.move_on_after(timeout):
+            async with self._teardown_lock:
+                return  # the running teardown ended first
+        self.send_signal(signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        else:
+            self.send_signal_to(signal.SIGKILL, await self.members())
 
     def _stop_failed(self, pids: list[int]) -> StopFailed:
         return StopFailed(

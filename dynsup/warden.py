@@ -50,7 +50,8 @@ for line in sys.stdin.buffer:  # ends at EOF: the agent is gone (or shut down)
 def start_of(pid):
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
-    return raw[raw.rfind(b")") + 2 :].split()[19].decode()
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return None if fields[0] == b"Z" else fields[19].decode()  # a zombie is dead already
 def marked():
     found = []
     for name in os.listdir("/proc"):

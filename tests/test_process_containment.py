@@ -7,16 +7,19 @@ mounted.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
 from dynsup import process
@@ -25,6 +28,7 @@ from dynsup.agent_api import SpawnError, SpawnRequest, StopFailed
 from dynsup.cgroups import AgentCgroups, CgroupUnavailable
 from dynsup.process import ProcessGroup, become_subreaper
 
+from .daemon_helpers import Dynsupd, run_dynsupd
 from .helpers import alive
 
 pytestmark = pytest.mark.anyio
@@ -80,12 +84,17 @@ async def test_members_survive_a_child_forking_short_lived_processes_while_stopp
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(os.getpid(), flush=True)
         while True:
-            pid = os.fork()
-            if pid == 0:
-                os._exit(0)
-            os.waitpid(pid, 0)
+            pids = []
+            for _ in range(8):
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(0.0005)
+                    os._exit(0)
+                pids.append(pid)
+            for pid in pids:
+                os.waitpid(pid, 0)
     """
-    for _ in range(3):
+    for _ in range(5):
         group = ProcessGroup.spawn("forker", python(code), dict(os.environ), None)
         async with anyio.create_task_group() as tg:
             tg.start_soon(group.watch_leader)
@@ -172,12 +181,13 @@ async def test_stop_fails_loudly_when_sigkill_cannot_end_a_process(
 
 
 async def read_pids_from_log(agent: LocalAgent, name: str, count: int) -> list[int]:
+    cursor = 0
     with anyio.fail_after(20):
         while True:
             got = await agent.read_log(name, "stdout", 0, 1 << 16)
             if got.data.count(b"\n") >= count:
                 return [int(x) for x in got.data.split()[:count]]
-            await agent.next_chunks(0, timeout=1.0)
+            cursor = (await agent.next_chunks(cursor, timeout=1.0)).cursor
 
 
 @pytest.mark.parametrize("cgroups", MODES)
@@ -185,7 +195,9 @@ async def test_wait_leader_exit_returns_while_the_group_is_torn_down(cgroups: bo
     code = """
         import os, subprocess, sys
         child = subprocess.Popen([sys.executable, "-c",
-            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print(flush=True); time.sleep(600)"], stdout=subprocess.PIPE)
+        child.stdout.readline()  # SIGTERM is ignored from now on
         print(child.pid, flush=True)
         os._exit(1)
     """
@@ -215,8 +227,9 @@ ESCAPEE = """
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
+            os.set_inheritable(w, True)
             os.execve(sys.executable, [sys.executable, "-c", CODE,
-                                       "escapee", str(w)], {})
+                                       "escapee", str(w)], dict())
         # The middle process lingers so a scan (fallback mode) sees the lineage.
         time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
         os._exit(0)
@@ -230,3 +243,79 @@ def escapee_argv(linger: float) -> list[str]:
     body = textwrap.dedent(ESCAPEE)
     code = f"CODE = {body!r}\n{body}"
     return [sys.executable, "-c", code, str(linger)]
+
+
+async def wait_attributed(agent: LocalAgent, name: str, pid: int) -> None:
+    """Fallback mode only attributes what a scan saw under its unit: wait for that."""
+    with anyio.fail_after(20):
+        while pid not in {k.pid for k in agent._lineage.known_of(name)}:
+            await anyio.sleep(0.05)  # the agent's sampler runs every SAMPLE_INTERVAL
+
+
+@pytest.mark.parametrize("cgroups", MODES)
+async def test_sigterm_ignoring_setsid_escapee_with_an_empty_environment_dies_on_stop(
+    cgroups: bool,
+) -> None:
+    async with open_agent(cgroups) as agent:
+        await agent.spawn(SpawnRequest("esc", tuple(escapee_argv(0.0 if cgroups else 3.0))))
+        leader, escapee = await read_pids_from_log(agent, "esc", 2)
+        if not cgroups:
+            await wait_attributed(agent, "esc", escapee)
+        with anyio.fail_after(30):
+            await agent.stop("esc", "SIGTERM", 0.5)
+        assert not alive(leader)
+        assert not alive(escapee)
+
+
+def _escapee_unit(tmp_path: Path, linger: float) -> Path:
+    units = tmp_path / "units"
+    units.mkdir()
+    argv = escapee_argv(linger)
+    (units / "esc.toml").write_text(
+        f"[service]\ncommand = {json.dumps(argv)}\nstop_timeout = 0.5\nstart_seconds = 0\n"
+    )
+    return units
+
+
+def _wait_dead(pids: list[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the daemon (or its warden) kills them: no event reaches the test
+    left = [p for p in pids if alive(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"survived: {left}"
+
+
+def _escapee_pids(daemon: Dynsupd) -> list[int]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        out = daemon.ctl("tail", "esc").stdout.split()
+        if len(out) >= 2:
+            return [int(x) for x in out[:2]]
+        time.sleep(0.05)  # the unit's output reaches the ring buffer
+    raise AssertionError("the unit did not print its pids")
+
+
+@pytest.mark.anyio(False)
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("cgroups", MODES)
+def test_setsid_escapee_with_an_empty_environment_dies_with_the_daemon(
+    tmp_path: Path, cgroups: bool, how: str
+) -> None:
+    linger = 0.0 if cgroups else 3.0
+    units = _escapee_unit(tmp_path, linger)
+    env = {"DYNSUP_CGROUPS": "1" if cgroups else "0"}
+    with run_dynsupd(tmp_path, units, env=env) as daemon:
+        daemon.wait_state("esc", "RUNNING")
+        pids = _escapee_pids(daemon)
+        if not cgroups:
+            # The fallback attributes what a scan saw: let the middle process
+            # exit (re-parenting the escapee) after the daemon's sampler ran.
+            deadline = time.monotonic() + 30
+            while alive(pids[1]) and psutil.Process(pids[1]).ppid() != daemon.proc.pid:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        daemon.proc.send_signal(getattr(signal, how))
+        daemon.proc.wait(60)
+        _wait_dead(pids)
