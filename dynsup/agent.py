@@ -42,6 +42,9 @@ from .warden import Warden
 
 log = structlog.get_logger("dynsup.agent")
 
+# After a group is gone, how long its pipes may take to be read to EOF.
+DRAIN_TIMEOUT = 1.0
+
 
 def inherited_env(unset: list[str] | tuple[str, ...]) -> dict[str, str]:
     """This node's environment without the unset names ("DYN_*" is a prefix)."""
@@ -84,6 +87,8 @@ class _Hosted:
     leader_gone: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)  # the leader and its group are gone
     status: ExitStatus | None = None  # the leader's, set once it exited
+    open_pipes: int = 2  # stdout and stderr, until their pumps read EOF
+    drained: anyio.Event = field(default_factory=anyio.Event)  # both pipes read to EOF
 
 
 class LocalAgent:
@@ -190,8 +195,8 @@ class LocalAgent:
         hosted = _Hosted(group, request.stop_signal, request.stop_timeout, request.tag)
         self._hosted[name] = hosted
         assert self._tg is not None, "agent used outside its context"
-        self._tg.start_soon(self._pump, group, group.stdout_fd, "stdout")
-        self._tg.start_soon(self._pump, group, group.stderr_fd, "stderr")
+        self._tg.start_soon(self._pump, hosted, group.stdout_fd, "stdout")
+        self._tg.start_soon(self._pump, hosted, group.stderr_fd, "stderr")
         self._tg.start_soon(self._watch, hosted)
         return self._spawned(name, hosted)
 
@@ -280,6 +285,10 @@ class LocalAgent:
             self._lineage.remove(group.pid, group.token)
             if group.cgroup is not None and not group.cgroup.remove():
                 log.error("process.cgroup_busy", unit=group.name, cgroup=str(group.cgroup.path))
+        # Whoever hears "gone" may read the unit's last lines at once: its
+        # output is in the rings first (bounded: a stranger may hold a pipe open).
+        with anyio.move_on_after(DRAIN_TIMEOUT):
+            await hosted.drained.wait()
         hosted.done.set()
         log.debug("process.exited", unit=group.name, pid=group.pid, status=status.describe())
 
@@ -296,6 +305,12 @@ class LocalAgent:
                 self._warden.guard_pids((k.pid, k.start) for k in fresh)
                 self._told_warden = seen
 
-    async def _pump(self, group: ProcessGroup, fd: int, stream: str) -> None:
+    async def _pump(self, hosted: _Hosted, fd: int, stream: str) -> None:
         """Drain one pipe until EOF: every byte goes to the ring buffers."""
-        await pump_pipe(fd, lambda data: self.logs.append(group.name, stream, group.pid, data))
+        group = hosted.group
+        try:
+            await pump_pipe(fd, lambda data: self.logs.append(group.name, stream, group.pid, data))
+        finally:
+            hosted.open_pipes -= 1
+            if hosted.open_pipes == 0:
+                hosted.drained.set()
