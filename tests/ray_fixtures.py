@@ -242,13 +242,15 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 12
 def _ray_start(ray_cli: Path, log: Path, env: dict[str, str], *args: str) -> None:
     # Every node gets ports of its own: two raylets on one machine would
     # otherwise both take the fixed defaults (52365, 8265, ...).
+    # Distinct: one free port asked for six times can come back twice.
+    node, objects, runtime_env, metrics, agent, agent_grpc = _free_ports(6)
     ports = [
-        f"--node-manager-port={_free_port()}",
-        f"--object-manager-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--node-manager-port={node}",
+        f"--object-manager-port={objects}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--object-store-memory={100 * 2**20}",
         "--disable-usage-stats",
     ]
@@ -338,6 +340,15 @@ def _describe(procs: list[psutil.Process]) -> str:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    """count distinct free ports (each socket held until all are chosen)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
