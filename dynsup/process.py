@@ -106,25 +106,6 @@ def _check_nul(name: str, argv: Sequence[str], env: Mapping[str, str], cwd: str 
         raise SpawnError(f"{name}: working_directory contains a NUL byte")
 
 
-def _enter_cgroup(procs_fd: int) -> Callable[[], None]:
-    """The child's first act after fork: move itself into its cgroup ("0" = the writer).
-
-    Python 3.11's subprocess has no ``cgroup=`` (clone3 CLONE_INTO_CGROUP);
-    moving the child from the parent after Popen returns races with an
-    early fork. A preexec_fn runs in the child after fork and before exec,
-    so nothing the program does can precede it. It does one write(2) to an
-    fd the parent opened, so it takes no lock another thread could hold
-    (the hazard the docs warn of). The fd is O_CLOEXEC and closed by
-    close_fds after preexec_fn: the program never sees it. Cost: fork
-    instead of vfork for these spawns.
-    """
-
-    def enter() -> None:
-        os.write(procs_fd, b"0")
-
-    return enter
-
-
 @dataclass
 class ProcessGroup:
     """A spawned leader and everything it started."""
@@ -179,31 +160,20 @@ class ProcessGroup:
             always.callback(os.close, err_w)
             for fd in (out_r, err_r):
                 _enlarge_pipe(fd)
-            preexec = None
-            if cgroup is not None:
-                try:
-                    procs_fd = cgroup.open_procs()
-                except OSError as exc:
-                    raise SpawnError(f"{name}: cannot open its cgroup: {exc}") from exc
-                always.callback(os.close, procs_fd)
-                preexec = _enter_cgroup(procs_fd)
             try:
-                popen = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out_w,
-                    stderr=err_w,
-                    env=child_env,
-                    cwd=cwd,
-                    start_new_session=True,
-                    close_fds=True,
-                    preexec_fn=preexec,
-                )
+                with cgroup.hosting() if cgroup is not None else contextlib.nullcontext():
+                    popen = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out_w,
+                        stderr=err_w,
+                        env=child_env,
+                        cwd=cwd,
+                        start_new_session=True,
+                        close_fds=True,
+                    )
             except OSError as exc:
                 raise SpawnError(f"{name}: cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
-            except subprocess.SubprocessError as exc:
-                # Only our preexec_fn raises this: the cgroup refused the child.
-                raise SpawnError(f"{name}: cannot enter cgroup {cgroup}: {exc}") from exc
             except (ValueError, TypeError) as exc:
                 raise SpawnError(f"{name}: cannot run {argv[0]!r}: {exc}") from exc
             on_failure.pop_all()
