@@ -106,6 +106,16 @@ def _check_nul(name: str, argv: Sequence[str], env: Mapping[str, str], cwd: str 
         raise SpawnError(f"{name}: working_directory contains a NUL byte")
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _start_time(pid: int) -> float:
+    """The kernel's start time of pid as psutil's create_time() gives it (seconds since
+    the epoch), from one read of /proc/<pid>/stat; 0.0 when it is already gone."""
+    stat = read_stat(pid)
+    return 0.0 if stat is None else stat.start / _CLOCK_TICKS + psutil.boot_time()
+
+
 @dataclass
 class ProcessGroup:
     """A spawned leader and everything it started."""
@@ -179,10 +189,7 @@ class ProcessGroup:
             on_failure.pop_all()
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
-        try:
-            start_time = psutil.Process(popen.pid).create_time()
-        except psutil.Error:
-            start_time = 0.0  # already gone and reaped elsewhere: nothing to protect
+        start_time = _start_time(popen.pid)
         return cls(
             name=name,
             pid=popen.pid,
