@@ -40,10 +40,12 @@ from .engine import Engine, OutputHub, ReloadPlan, State, UnitStatus, UnknownUni
 from .engine.output import ChunkFollower
 from .engine.placement import PlacementFailed
 from .engine.states import SETTLED_STATES
+from .resources import Leader, ResourceMonitor, Usage
 from .signals import parse_signal
 from .statefile import DesiredState, StateWriteError
 from .units import UnitErrors
 from .units.spec import ServiceSpec
+from .watch import follow_units, state_events
 
 PROTOCOL_VERSION = 1
 STREAMS = ("stdout", "stderr")
@@ -82,6 +84,18 @@ def unit_info(snap: UnitStatus, last_error: str | None, gpus: list[str]) -> dict
     }
 
 
+def resource_fields(usage: Usage | None) -> dict[str, Any]:
+    """What `status` shows of a unit's cost; None where it was not measured."""
+    if usage is None:
+        return {"cpu_percent": None, "rss_bytes": None, "gpu_memory_bytes": None, "processes": 0}
+    return {
+        "cpu_percent": None if usage.cpu_percent is None else round(usage.cpu_percent, 1),
+        "rss_bytes": usage.rss_bytes,
+        "gpu_memory_bytes": usage.gpu_memory_bytes,
+        "processes": usage.processes,
+    }
+
+
 def plan_result(plan: ReloadPlan) -> dict[str, Any]:
     return {
         "added": list(plan.added),
@@ -103,6 +117,7 @@ class Commands:
         models: ModelSource | None = None,
         gpu_table: Callable[[], Any] | None = None,
         check: StartCheck | None = None,
+        resources: ResourceMonitor | None = None,
     ) -> None:
         self._engine = engine
         self._agent = agent
@@ -113,6 +128,7 @@ class Commands:
         self._models = models or (lambda: {})
         self._gpu_table = gpu_table
         self._check = check
+        self._resources = resources or ResourceMonitor()
         self._shutting_down = False
         self._writing = anyio.Lock()  # write verbs, one at a time
 
@@ -132,9 +148,10 @@ class Commands:
             "version": self.version,
             "scale": self.scale,
             "gpus": self.gpus,
+            "events": self.events,
         }
 
-    READ_ONLY = frozenset({"status", "pid", "tail", "reread", "avail", "version", "gpus"})
+    READ_ONLY = frozenset({"status", "pid", "tail", "reread", "avail", "version", "gpus", "events"})
 
     # -- names ---------------------------------------------------------------
 
@@ -209,8 +226,24 @@ class Commands:
     async def version(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"version": __version__, "protocol": PROTOCOL_VERSION}
 
+    async def events(self, args: dict[str, Any]) -> Stream:
+        """Every unit's state (or the named ones'), then every change, until the client leaves."""
+        names = self._select(args, empty_means_all=True)
+        selected = set(names) if names_arg(args) else None
+        feed = self._engine.subscribe()
+        # No await since the subscription: the stream starts from this present.
+        present = self._engine.statistics(names)
+        return Stream(state_events(feed, present, selected))
+
     async def tail(self, args: dict[str, Any]) -> dict[str, Any] | Stream:
-        """The last lines of a unit's stream; with follow, then everything it prints."""
+        """The last lines of a unit's stream; with follow, then everything it prints.
+
+        With ``names`` (several units, or "all") and follow: one stream of every
+        named unit's output, each event naming its unit (both streams unless
+        ``stream`` is given).
+        """
+        if "names" in args:
+            return await self._tail_many(args)
         name = args.get("name")
         stream = args.get("stream", "stdout")
         lines = arg(args, "lines", int, 10)
@@ -233,6 +266,21 @@ class Commands:
         if follower is None:
             return first_event
         return Stream(self._follow(follower, stream, first.end, first_event))
+
+    async def _tail_many(self, args: dict[str, Any]) -> Stream:
+        names = self._select(args, empty_means_all=False)
+        stream = args.get("stream")
+        lines = arg(args, "lines", int, 10)
+        if stream is not None and stream not in STREAMS:
+            raise CommandError(BAD_ARGUMENTS, "'stream' must be 'stdout' or 'stderr'")
+        if not 0 <= lines <= _MAX_TAIL_LINES:
+            raise CommandError(BAD_ARGUMENTS, f"'lines' must be 0..{_MAX_TAIL_LINES}")
+        if not arg(args, "follow", bool, False):
+            raise CommandError(BAD_ARGUMENTS, "several units are tailed with follow only")
+        # Follow before reading, so nothing printed in between is lost.
+        follower = self._hub.follow(*names)
+        streams = STREAMS if stream is None else (stream,)
+        return Stream(follow_units(self._agent, follower, streams, lines))
 
     @staticmethod
     async def _follow(
@@ -321,7 +369,24 @@ class Commands:
                         return
 
     async def _units(self, names: list[str]) -> dict[str, Any]:
-        return {"units": [await self._info(name) for name in names]}
+        usage = await self._usage(names)
+        units = []
+        for name in names:
+            info = await self._info(name)
+            units.append({**info, **resource_fields(usage.get(name))})
+        return {"units": units}
+
+    async def _usage(self, names: list[str]) -> dict[str, Usage]:
+        """CPU, memory and GPU memory of the units' process trees (a /proc walk:
+        in a worker thread). Fresh within a second: `top` and scrapers share it."""
+        leaders = {
+            s.name: Leader(s.pid, s.node, s.gpus)
+            for s in self._engine.statistics(names)
+            if s.pid is not None
+        }
+        if not leaders:
+            return {}
+        return await anyio.to_thread.run_sync(self._resources.sample, leaders, 1.0)
 
     async def stop(self, args: dict[str, Any]) -> dict[str, Any]:
         names = self._select(args, empty_means_all=False)

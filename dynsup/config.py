@@ -17,6 +17,9 @@ address = ""                   # "": embedded local Ray; "auto" / "ray://...": j
 num_gpus = -1                  # embedded only: GPUs to declare (-1: detect)
 gpus_per_node = -1             # GPUs of one node, for model units' multi-node TP ranks
                                # (-1: num_gpus of the embedded head; set it when joining)
+
+[metrics]
+listen = "127.0.0.1:9464"      # serve GET /metrics (Prometheus) here; off when absent
 ```
 """
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .listen import parse_listen
 from .units.durations import parse_duration
 from .units.errors import MAX_INT, Invalid, short_int
 from .units.tomlfile import TomlFileError, check_values, read_toml
@@ -56,6 +60,7 @@ class DaemonConfig:
     journal_rate_limit_interval: float = 30.0
     journal_rate_limit_burst: int = 10000
     ray: RayConfig = field(default_factory=RayConfig)
+    metrics_listen: str = ""  # HOST:PORT of /metrics; "" = off
     source: str = ""
 
 
@@ -75,6 +80,7 @@ _RAY_KEYS: dict[str, type | tuple[type, ...]] = {
     "num_gpus": int,
     "gpus_per_node": int,
 }
+_METRICS_KEYS: dict[str, type | tuple[type, ...]] = {"listen": str}
 
 
 def _check_table(path: Path, table: str, data: Any, keys: dict[str, Any]) -> list[str]:
@@ -116,14 +122,22 @@ def load_config(path: Path | None) -> DaemonConfig:
     if errors:
         raise ConfigError("\n".join(errors))
     errors = [
-        f"{path}: {key}: unknown table (known: daemon, ray)"
+        f"{path}: {key}: unknown table (known: daemon, ray, metrics)"
         for key in data
-        if key not in ("daemon", "ray")
+        if key not in ("daemon", "ray", "metrics")
     ]
     daemon = data.get("daemon", {})
     ray = data.get("ray", {})
+    metrics = data.get("metrics", {})
     errors += _check_table(path, "daemon", daemon, _DAEMON_KEYS)
     errors += _check_table(path, "ray", ray, _RAY_KEYS)
+    errors += _check_table(path, "metrics", metrics, _METRICS_KEYS)
+    listen = metrics.get("listen", "") if isinstance(metrics, dict) else ""
+    if isinstance(listen, str) and listen:
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            errors.append(f"{path}: metrics.listen: {exc}")
     if isinstance(daemon, dict):
         if daemon.get("log_format", "auto") not in ("auto", "console", "json"):
             errors.append(f'{path}: daemon.log_format: expected "auto", "console" or "json"')
@@ -154,5 +168,6 @@ def load_config(path: Path | None) -> DaemonConfig:
         journal_rate_limit_interval=daemon.get("journal_rate_limit_interval", 30.0),
         journal_rate_limit_burst=daemon.get("journal_rate_limit_burst", 10000),
         ray=RayConfig(**ray),
+        metrics_listen=listen if isinstance(listen, str) else "",
         source=str(path),
     )

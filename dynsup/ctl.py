@@ -78,10 +78,38 @@ def format_uptime(seconds: float | None) -> str:
     return clock
 
 
+def format_bytes(count: float | None) -> str:
+    """1536 -> "1.5K", 157286400 -> "150.0M"; None -> "-"."""
+    if count is None:
+        return "-"
+    for unit in ("B", "K", "M", "G"):
+        if abs(count) < 1024:
+            return f"{count:.0f}{unit}" if unit == "B" else f"{count:.1f}{unit}"
+        count /= 1024
+    return f"{count:.1f}T"
+
+
+def format_cpu(percent: float | None) -> str:
+    return "-" if percent is None else f"{percent:.1f}%"
+
+
+def resource_extras(unit: dict[str, Any]) -> list[str]:
+    """CPU, memory and GPU memory of a running unit's whole tree, where measured."""
+    if unit.get("rss_bytes") is None:
+        return []
+    extras = [
+        f"cpu {format_cpu(unit.get('cpu_percent'))}",
+        f"mem {format_bytes(unit['rss_bytes'])}",
+    ]
+    if unit.get("gpus"):  # "-": no NVML here
+        extras.append(f"gpu mem {format_bytes(unit.get('gpu_memory_bytes'))}")
+    return extras
+
+
 def describe_unit(unit: dict[str, Any], *, show_node: bool = False) -> str:
     """The DESCRIPTION column: supervisorctl's words, plus what dynsup knows besides."""
     state = unit.get("state")
-    extras = []
+    extras = resource_extras(unit)
     if unit.get("restarts"):
         extras.append(f"restarts {unit['restarts']}")
     if unit.get("gpus"):
@@ -305,25 +333,91 @@ def run_tail(client: Client, cmd: str, args: dict[str, Any], ns: argparse.Namesp
     if not args["follow"]:
         return client.call(cmd, args)
     replies: ReplyStream = client.stream(cmd, args, timeout=None)
+    prefixer = Prefixer(sys.stdout, args["names"]) if "names" in args else None
     try:
         for event in replies:
-            show_tail_event(event, ns.json)
+            show_tail_event(event, ns.json, prefixer)
     except KeyboardInterrupt:
         return None  # the way out of tail -f: quietly, exit 0
+    finally:
+        if prefixer is not None:
+            prefixer.flush()
     if replies.result:  # the daemon ended the stream (the unit went away)
-        show_tail_event(replies.result, ns.json)
+        show_tail_event(replies.result, ns.json, prefixer)
     return None
 
 
-def show_tail_event(event: dict[str, Any], as_json: bool) -> None:
+def show_tail_event(event: dict[str, Any], as_json: bool, prefixer: Prefixer | None = None) -> None:
     if as_json:
         print(json.dumps(event), flush=True)
+        return
+    if prefixer is not None and "unit" in event:
+        prefixer.write(event)
         return
     out = format_tail(event)
     sys.stdout.write(out.text)
     sys.stdout.flush()
     if out.err:
         sys.stderr.write(out.err)
+
+
+class Prefixer:
+    """Output of several units as whole lines, each led by its unit's name
+    (``docker compose logs -f``); a partial line waits for its end."""
+
+    def __init__(self, out: TextIO, names: list[str]) -> None:
+        self.out = out
+        self.width = max((len(n) for n in names if n != "all"), default=8)
+        self.partial: dict[tuple[str, str], str] = {}
+
+    def write(self, event: dict[str, Any]) -> None:
+        unit, stream = clean(event["unit"]), str(event.get("stream", "stdout"))
+        self.width = max(self.width, len(unit))
+        if event.get("missed"):
+            sys.stderr.write(f"dynsupctl: [{unit}: {event['missed']} bytes missed]\n")
+        text = self.partial.pop((unit, stream), "") + str(event.get("data", ""))
+        *complete, rest = text.split("\n")
+        if rest:
+            self.partial[(unit, stream)] = rest
+        self.out.write("".join(f"{self._lead(unit)}{line}\n" for line in complete))
+        self.out.flush()
+
+    def flush(self) -> None:
+        for (unit, _stream), rest in self.partial.items():
+            self.out.write(f"{self._lead(unit)}{rest}\n")
+        self.partial.clear()
+        self.out.flush()
+
+    def _lead(self, unit: str) -> str:
+        return f"{unit.ljust(self.width)} | "
+
+
+def format_event(event: dict[str, Any]) -> str:
+    """One state change as a line: time, unit, old -> new, pid, reason."""
+    when = time.strftime("%H:%M:%S", time.localtime(event.get("time") or 0))
+    millis = int(((event.get("time") or 0) % 1) * 1000)
+    old = event.get("old")
+    change = f"{old} -> {event['new']}" if old else str(event["new"])
+    parts = [f"{when}.{millis:03d}", clean(event["unit"]), change]
+    if event.get("pid"):
+        parts.append(f"pid {event['pid']}")
+    line = " ".join(parts)
+    if event.get("reason"):
+        line += f" ({trim(clean(event['reason']))})"
+    return line
+
+
+def run_events(client: Client, cmd: str, args: dict[str, Any], ns: argparse.Namespace) -> Any:
+    """Every unit's state, then each change as it happens, until Ctrl-C (exit 0)."""
+    replies: ReplyStream = client.stream(cmd, args, timeout=None)
+    try:
+        for event in replies:
+            line = json.dumps(event) if ns.json else format_event(event)
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return None
+    return None
 
 
 class Progress:
@@ -403,8 +497,37 @@ def _pid_arguments(parser: argparse.ArgumentParser) -> None:
 def _tail_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", dest="follow", action="store_true", help="follow until Ctrl-C")
     parser.add_argument("-n", dest="lines", type=int, default=10, metavar="N", help="last N lines")
-    parser.add_argument("name", metavar="NAME")
-    parser.add_argument("stream", nargs="?", choices=["stdout", "stderr"], default="stdout")
+    parser.add_argument(
+        "names",
+        nargs="+",
+        metavar="NAME",
+        help='a unit [stdout|stderr]; with -f, several units or "all" (lines led by the name)',
+    )
+
+
+def tail_request(ns: argparse.Namespace) -> dict[str, Any]:
+    """One unit: `tail NAME [stdout|stderr]`, as ever. Several (or all): follow only,
+    both streams unless the last word names one."""
+    names, stream = list(ns.names), None
+    if len(names) > 1 and names[-1] in ("stdout", "stderr"):
+        stream = names.pop()
+    if len(names) == 1 and names != ["all"]:
+        return {
+            "name": names[0],
+            "stream": stream or "stdout",
+            "lines": ns.lines,
+            "follow": ns.follow,
+        }
+    if not ns.follow:
+        raise UsageError("several units are tailed with -f only")
+    request = {"names": unit_names(names, required=True), "lines": ns.lines, "follow": True}
+    if stream is not None:
+        request["stream"] = stream
+    return request
+
+
+def _events_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="*", metavar="NAME", help="only these units")
 
 
 def _update_arguments(parser: argparse.ArgumentParser) -> None:
@@ -491,10 +614,17 @@ VERBS: dict[str, Verb] = {
     ),
     "tail": Verb(
         "print a unit's output (-f: follow)",
-        lambda ns: {"name": ns.name, "stream": ns.stream, "lines": ns.lines, "follow": ns.follow},
+        tail_request,
         lambda result, ns: format_tail(result),
         _tail_arguments,
         run_tail,
+    ),
+    "events": Verb(
+        "print every unit's state, then each change as it happens (until Ctrl-C)",
+        lambda ns: {"names": unit_names(ns.names)},
+        lambda result, ns: Output(),
+        _events_arguments,
+        run_events,
     ),
     "reread": Verb(
         "read unit files again; show what changed",
@@ -583,7 +713,7 @@ def run_verb(client: Client, name: str, ns: argparse.Namespace) -> Output:
             return Output(_json({"error": exc.to_json()}), format_error(exc).code)
         return format_error(exc)
     out = verb.render(result, ns)
-    if ns.json and not (name == "tail" and ns.follow):
+    if ns.json and not ((name == "tail" and ns.follow) or name == "events"):
         return out._replace(text=_json(result), err="")
     return out
 

@@ -1,6 +1,7 @@
 """`dynsupd`: wire the rooms together and run in the foreground.
 
-    dynsupd [--config FILE] [--socket PATH] [--state-dir DIR] [--log-format F] [UNIT_DIR...]
+    dynsupd [--config FILE] [--socket PATH] [--state-dir DIR] [--log-format F]
+            [--metrics HOST:PORT] [UNIT_DIR...]
     dynsupd --check [--json] [--config FILE] [UNIT_DIR...]
 
 `--check` validates the units and prints what would run (`dynsup.plan`),
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import structlog
 from anyio.abc import TaskStatus
 
@@ -43,6 +45,8 @@ from .dynamo import StackContext, expand_stack
 from .dynamo.withdraw import withdraw_dead, withdraw_leftovers
 from .engine import Engine, OutputHub, State, UnitStatus
 from .engine.states import UP_OR_GAVE_UP
+from .gpumem import open_probe
+from .listen import parse_listen
 from .logs import (
     JOURNAL_SOCKET,
     JournalSender,
@@ -51,7 +55,9 @@ from .logs import (
     configure_logging,
     journal_is_live,
 )
+from .metrics import MetricsFollower, MetricsServer, instrument, watch_loop_lag
 from .plan import check_units
+from .resources import ResourceMonitor
 from .sdnotify import Notifier
 from .statefile import DesiredState
 from .units import UnitErrors, load_units
@@ -82,6 +88,7 @@ class Settings:
     socket: str
     state_dir: Path
     log_format: str
+    metrics: str = ""  # HOST:PORT of GET /metrics; "" = off
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,6 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--socket", help="control socket path")
     parser.add_argument("--state-dir", help="state directory")
     parser.add_argument("--log-format", choices=["auto", "console", "json"])
+    parser.add_argument(
+        "--metrics", metavar="HOST:PORT", help="serve Prometheus metrics (GET /metrics) here"
+    )
     parser.add_argument(
         "--check", action="store_true", help="validate, print what would run, start nothing"
     )
@@ -122,7 +132,19 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         socket=socket_path(args.socket or config.socket or None),
         state_dir=state_dir,
         log_format=args.log_format or config.log_format,
+        metrics=metrics_address(args.metrics, config),
     )
+
+
+def metrics_address(flag: str | None, config: DaemonConfig) -> str:
+    """--metrics over [metrics] listen; a malformed flag is a configuration error."""
+    if flag is None:
+        return config.metrics_listen
+    try:
+        parse_listen(flag)
+    except ValueError as exc:
+        raise ConfigError(f"--metrics: {exc}") from None
+    return flag
 
 
 def gpus_per_node(ray: RayConfig) -> int | None:
@@ -248,6 +270,29 @@ async def flush_journal_on_exit(engine: Engine, journal: UnitOutputForwarder) ->
                 journal.flush(snap.name)
 
 
+async def serve_metrics(
+    listen: str,
+    follower: MetricsFollower,
+    monitor: ResourceMonitor,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """GET /metrics until cancelled. An address in use costs the metrics, not the units."""
+    server = MetricsServer(listen, follower, monitor)
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("metrics.bind_failed", address=listen, error=str(exc))
+        task_status.started()
+        return
+    task_status.started()
+    try:
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(server.close)
+
+
 def open_journal(
     rate_limit: RateLimit,
 ) -> tuple[JournalSender | None, UnitOutputForwarder | None]:
@@ -317,6 +362,8 @@ class Daemon:
         journal: UnitOutputForwarder | None,
     ) -> None:
         desired = self.desired
+        follower = MetricsFollower()
+        monitor = ResourceMonitor(gpus=open_probe)
         async with (
             Engine(placer=backend.placer, output=hub, after_exit=withdraw_dead) as engine,
             anyio.create_task_group() as tg,
@@ -332,9 +379,14 @@ class Daemon:
                 models=lambda: self.models,
                 gpu_table=backend.gpu_table,
                 check=backend.check,
+                resources=monitor,
             )
-            server.handlers.update(commands.handlers())
+            server.handlers.update(instrument(commands.handlers(), follower))
             await tg.start(server.serve)
+            tg.start_soon(keep_running, "metrics", follower.follow, engine)
+            tg.start_soon(keep_running, "loop_lag", watch_loop_lag, follower)
+            if self.settings.metrics:
+                await tg.start(serve_metrics, self.settings.metrics, follower, monitor)
             tg.start_soon(keep_running, "pump", backend.pump, output_consumer(hub, journal))
             if journal is not None:
                 tg.start_soon(keep_running, "journal_flush", flush_journal_on_exit, engine, journal)

@@ -67,11 +67,11 @@ class LineSubscription:
 
 
 class ChunkFollower:
-    """Raw chunks of one unit, for `tail -f`. Bounded in bytes: a slow follower
+    """Raw chunks of some units, for `tail -f`. Bounded in bytes: a slow follower
     loses chunks and sees the gap in the offsets of the next one."""
 
-    def __init__(self, hub: OutputHub, name: str, budget: int) -> None:
-        self.name = name
+    def __init__(self, hub: OutputHub, names: tuple[str, ...], budget: int) -> None:
+        self.names = names
         self.budget = budget
         self.queued = 0  # bytes published and not yet taken
         self._hub = hub
@@ -100,15 +100,18 @@ class OutputHub:
         self._subs: dict[str, list[LineSubscription]] = {}
         self._followers: dict[str, list[ChunkFollower]] = {}
 
-    def follow(self, name: str, budget: int = FOLLOW_BUDGET) -> ChunkFollower:
-        follower = ChunkFollower(self, name, budget)
-        self._followers.setdefault(name, []).append(follower)
+    def follow(self, *names: str, budget: int = FOLLOW_BUDGET) -> ChunkFollower:
+        """One follower of these units' chunks, in the order they are published."""
+        follower = ChunkFollower(self, names, budget)
+        for name in names:
+            self._followers.setdefault(name, []).append(follower)
         return follower
 
     def unfollow(self, follower: ChunkFollower) -> None:
-        followers = self._followers.get(follower.name, [])
-        if follower in followers:
-            followers.remove(follower)
+        for name in follower.names:
+            followers = self._followers.get(name, [])
+            if follower in followers:
+                followers.remove(follower)
 
     def subscribe(self, name: str, pid: int | None, buffer: int = 4096) -> LineSubscription:
         sub = LineSubscription(self, name, pid, buffer)
