@@ -351,7 +351,7 @@ def show_tail_event(event: dict[str, Any], as_json: bool, prefixer: Prefixer | N
     if as_json:
         print(json.dumps(event), flush=True)
         return
-    if prefixer is not None and "unit" in event:
+    if prefixer is not None and ("unit" in event or "units" in event):
         prefixer.write(event)
         return
     out = format_tail(event)
@@ -371,6 +371,9 @@ class Prefixer:
         self.partial: dict[tuple[str, str], str] = {}
 
     def write(self, event: dict[str, Any]) -> None:
+        if "units" in event:  # the stream's header: every name it follows
+            self.width = max((len(clean(n)) for n in event["units"]), default=self.width)
+            return
         unit, stream = clean(event["unit"]), str(event.get("stream", "stdout"))
         self.width = max(self.width, len(unit))
         if event.get("missed"):

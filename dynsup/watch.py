@@ -65,12 +65,14 @@ async def follow_units(
     streams: Iterable[str],
     lines: int,
 ) -> AsyncIterator[dict[str, Any]]:
-    """Each unit's last lines, then everything they print: ``{"unit", "stream", "data",
-    "missed"}`` events. ``missed`` counts the bytes of that unit's stream this
-    follower lost (it read too slowly), as single-unit `tail -f` does."""
+    """``{"units": [...]}`` first (the names followed, for the client's layout), then
+    each unit's last lines, then everything they print: ``{"unit", "stream",
+    "data", "missed"}`` events. ``missed`` counts the bytes of that unit's stream
+    this follower lost (it read too slowly), as single-unit `tail -f` does."""
     wanted = tuple(streams)
     position: dict[tuple[str, str], int] = {}
     try:
+        yield {"units": list(follower.names)}
         # The follower was registered before these reads: nothing printed in
         # between is lost, and what both saw is sent once (by offset).
         for name in follower.names:
