@@ -529,6 +529,16 @@ def tail_request(ns: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
+def run_top(client: Client, cmd: str, args: dict[str, Any], ns: argparse.Namespace) -> Any:
+    """The live view needs Rich (the [tui] extra); dynsupctl alone stays stdlib-only."""
+    try:
+        from . import top
+    except ImportError as exc:
+        raise UsageError(f"needs the [tui] extra (pip install 'dynsup[tui]'): {exc}") from None
+    top.run(client.path)
+    return None
+
+
 def _events_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help="only these units")
 
@@ -621,6 +631,13 @@ VERBS: dict[str, Verb] = {
         lambda result, ns: format_tail(result),
         _tail_arguments,
         run_tail,
+    ),
+    "top": Verb(
+        "a live view of every unit (state, restarts, CPU, memory, GPUs); q quits",
+        lambda ns: {},
+        lambda result, ns: Output(),
+        _no_arguments,
+        run_top,
     ),
     "events": Verb(
         "print every unit's state, then each change as it happens (until Ctrl-C)",
@@ -716,7 +733,7 @@ def run_verb(client: Client, name: str, ns: argparse.Namespace) -> Output:
             return Output(_json({"error": exc.to_json()}), format_error(exc).code)
         return format_error(exc)
     out = verb.render(result, ns)
-    if ns.json and not ((name == "tail" and ns.follow) or name == "events"):
+    if ns.json and not ((name == "tail" and ns.follow) or name in ("events", "top")):
         return out._replace(text=_json(result), err="")
     return out
 

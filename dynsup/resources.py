@@ -136,18 +136,24 @@ def _cgroup2_mount() -> str | None:
     return None
 
 
+_CGROUP2_MOUNT = _cgroup2_mount()
+
+
 class _Members:
     """Finds each unit's processes in one proc table."""
 
-    def __init__(self, table: Mapping[int, _Proc], host_pid: int) -> None:
+    def __init__(
+        self, table: Mapping[int, _Proc], host_pid: int, cgroups: dict[tuple[int, int], str | None]
+    ) -> None:
         self.table = table
+        self.cgroups = cgroups
         self.children = _children_map(table)
         self.by_group: dict[int, list[int]] = {}
         for pid, proc in table.items():
             self.by_group.setdefault(proc.pgid, []).append(pid)
         self.host_pid = host_pid
         self._orphans: list[tuple[int, str | None]] | None = None
-        self._cgroup_root = _cgroup2_mount()
+        self._cgroup_root = _CGROUP2_MOUNT
         self._host_cgroup = _own_cgroup("self")
 
     def of(self, leader: int, leaders: set[int]) -> set[int]:
@@ -176,7 +182,12 @@ class _Members:
         """The leader's own cgroup's processes, if it has one (not the daemon's)."""
         if self._cgroup_root is None:
             return None
-        path = _own_cgroup(leader)
+        # A leader is put in its cgroup before it runs and stays there: looked up
+        # once per process (300 units would cost 300 reads per sample).
+        key = (leader, self.table[leader].start)
+        if key not in self.cgroups:
+            self.cgroups[key] = _own_cgroup(leader)
+        path = self.cgroups[key]
         if path is None or path == self._host_cgroup or path == "/":
             return None
         try:
@@ -226,6 +237,7 @@ class ResourceMonitor:
         self._last: dict[str, tuple[int, float, float]] = {}  # name -> (pid, cpu, at)
         self._cached: tuple[float, dict[str, Usage]] | None = None
         self._boot = psutil.boot_time()
+        self._cgroups: dict[tuple[int, int], str | None] = {}  # (pid, start) -> cgroup
 
     def sample(self, leaders: Mapping[str, Leader], max_age: float = 0.0) -> dict[str, Usage]:
         """Usage of every unit in leaders that runs on this machine (others are left out)."""
@@ -244,7 +256,8 @@ class ResourceMonitor:
 
     def _sample(self, leaders: Mapping[str, Leader], now: float) -> dict[str, Usage]:
         table = read_proc_table()
-        members = _Members(table, os.getpid())
+        self._cgroups = {k: v for k, v in self._cgroups.items() if k[0] in table}
+        members = _Members(table, os.getpid(), self._cgroups)
         leader_pids = {lead.pid for lead in leaders.values()}
         holds_gpus = any(lead.gpus for lead in leaders.values())
         gpu_by_pid = self._gpu_memory_by_pid() if holds_gpus else None

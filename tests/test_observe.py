@@ -99,7 +99,8 @@ def test_metrics_parse_and_kill_9_moves_restart_and_exit_counters_within_a_secon
     assert value(before, "dynsup_unit_state", unit="svc", state="RUNNING") == 1
     assert value(before, "dynsup_unit_state", unit="svc", state="BACKOFF") == 0
     assert value(before, "dynsup_unit_restarts_total", unit="svc") == 0
-    assert value(before, "dynsup_unit_start_seconds_count", unit="svc") == 1
+    assert value(before, "dynsup_unit_start_seconds_count") == 1
+    assert 0 < value(before, "dynsup_unit_last_start_seconds", unit="svc") < 60
     assert value(before, "dynsup_unit_memory_bytes", unit="svc") > 1 << 20
     assert value(before, "dynsup_unit_gpus", unit="svc") == 0
     assert not any("pid" in dict(labels) for _, labels in before)  # bounded labels
