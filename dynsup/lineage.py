@@ -86,7 +86,8 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _token_of(pid: int, var: bytes) -> str | None:
+def token_of(pid: int, var: bytes) -> str | None:
+    """The value of ``var`` (b"NAME=") in the process's environment, or None."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             for entry in f.read().split(b"\0"):
@@ -164,7 +165,7 @@ class Lineage:
             if unit is None:
                 unit = leaders.get(stat.pgid) or parent_unit
             if unit is None and stat.state != "Z":
-                token = _token_of(pid, self._token_var)
+                token = token_of(pid, self._token_var)
                 unit = tokens.get(token) if token is not None else None
             # Keep the first parent seen: an orphan re-parented to us keeps its lineage.
             seen[known] = (unit, previous[1] if previous is not None else stat.ppid)

@@ -28,11 +28,14 @@ from dataclasses import dataclass
 
 import psutil
 
+from .cgroups import cgroup2_mount, own_cgroup
 from .gpumem import GpuProbe
+from .lineage import token_of
 from .process import TOKEN_VAR
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_TOKEN = f"{TOKEN_VAR}=".encode()
 
 
 @dataclass(frozen=True)
@@ -99,44 +102,7 @@ def _children_map(table: Mapping[int, _Proc]) -> dict[int, list[int]]:
     return children
 
 
-def _environ_value(pid: int, name: str) -> str | None:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    prefix = name.encode() + b"="
-    for item in raw.split(b"\0"):
-        if item.startswith(prefix):
-            return item[len(prefix) :].decode(errors="replace")
-    return None
-
-
-def _own_cgroup(pid: int | str) -> str | None:
-    """The cgroup v2 path of a process ("0::/path"), or None."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    return line[3:].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _cgroup2_mount() -> str | None:
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                if right.startswith("cgroup2 "):
-                    return left.split()[4]
-    except OSError:
-        pass
-    return None
-
-
-_CGROUP2_MOUNT = _cgroup2_mount()
+_CGROUP2_MOUNT = cgroup2_mount()
 
 
 class _Members:
@@ -154,7 +120,7 @@ class _Members:
         self.host_pid = host_pid
         self._orphans: list[tuple[int, str | None]] | None = None
         self._cgroup_root = _CGROUP2_MOUNT
-        self._host_cgroup = _own_cgroup("self")
+        self._host_cgroup = own_cgroup("self")
 
     def of(self, leader: int, leaders: set[int]) -> set[int]:
         if leader not in self.table:
@@ -167,7 +133,7 @@ class _Members:
         token = None
         for orphan, orphan_token in self._host_orphans(leaders):
             if token is None:
-                token = _environ_value(leader, TOKEN_VAR) or ""
+                token = token_of(leader, _TOKEN) or ""
             if token and orphan_token == token:
                 found.add(orphan)
         todo = list(found)
@@ -186,7 +152,7 @@ class _Members:
         # once per process (300 units would cost 300 reads per sample).
         key = (leader, self.table[leader].start)
         if key not in self.cgroups:
-            self.cgroups[key] = _own_cgroup(leader)
+            self.cgroups[key] = own_cgroup(leader)
         path = self.cgroups[key]
         if path is None or path == self._host_cgroup or path == "/":
             return None
@@ -201,7 +167,7 @@ class _Members:
         re-parented to us. Their tokens are read once per sample."""
         if self._orphans is None:
             self._orphans = [
-                (pid, _environ_value(pid, TOKEN_VAR))
+                (pid, token_of(pid, _TOKEN))
                 for pid in self.children.get(self.host_pid, ())
                 if pid not in leaders
             ]

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dynsup.cgroups import cgroup2_mount, own_cgroup
+
 from .daemon_helpers import DYNSUPCTL, Dynsupd, py_command, run_dynsupd, write_unit
 
 SLEEPER = py_command("import time; time.sleep(600)")
@@ -119,7 +121,10 @@ def test_metrics_parse_and_kill_9_moves_restart_and_exit_counters_within_a_secon
     assert value(after, "dynsup_control_requests_total", verb="status", result="ok") >= 1
 
 
-def test_status_reports_the_memory_of_a_tree_of_three_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cgroups", ["1", "0"], ids=["cgroup", "process-group"])
+def test_status_reports_the_memory_of_a_tree_of_three_processes(
+    tmp_path: Path, cgroups: str
+) -> None:
     units = tmp_path / "units"
     write_unit(
         units,
@@ -132,9 +137,11 @@ def test_status_reports_the_memory_of_a_tree_of_three_processes(tmp_path: Path) 
         timeout = 60
         """,
     )
-    with run_dynsupd(tmp_path, units) as daemon:
+    with run_dynsupd(tmp_path, units, env={"DYNSUP_CGROUPS": cgroups}) as daemon:
         daemon.wait_state("holder", "RUNNING")
         unit = daemon.ctl_json("status", "holder")["units"][0]
+        in_cgroup = "/dynsup-" in (own_cgroup(unit["pid"]) or "")
+        assert in_cgroup == (cgroups == "1") or cgroup2_mount() is None
         assert unit["processes"] == 3
         assert unit["rss_bytes"] >= 140_000_000, unit
         assert unit["cpu_percent"] is not None
