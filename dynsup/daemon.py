@@ -45,6 +45,7 @@ from .dynamo import StackContext, expand_stack
 from .dynamo.withdraw import withdraw_dead, withdraw_leftovers
 from .engine import Engine, OutputHub, State, UnitStatus
 from .engine.states import UP_OR_GAVE_UP
+from .gpucheck import GpusFreedCheck
 from .gpumem import open_probe
 from .listen import parse_listen
 from .logs import (
@@ -365,7 +366,12 @@ class Daemon:
         follower = MetricsFollower()
         monitor = ResourceMonitor(gpus=open_probe)
         async with (
-            Engine(placer=backend.placer, output=hub, after_exit=withdraw_dead) as engine,
+            Engine(
+                placer=backend.placer,
+                output=hub,
+                after_exit=withdraw_dead,
+                gpus_freed=GpusFreedCheck(),
+            ) as engine,
             anyio.create_task_group() as tg,
         ):
             engine.load(self.specs)

@@ -12,6 +12,7 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 import anyio
 import psutil
@@ -72,8 +73,9 @@ def namespace(ray_instance: str) -> Iterator[str]:
 
 @asynccontextmanager
 async def open_stack(
-    handle: RayHandle, instance: str, namespace: str, *specs: ServiceSpec
+    handle: RayHandle, instance: str, namespace: str, *specs: ServiceSpec, **engine: Any
 ) -> AsyncIterator[tuple[RayRuntime, Engine]]:
+    """The runtime and an engine over it (``engine``: more arguments of Engine)."""
     hub = OutputHub()
 
     def publish(batch: ChunkBatch) -> None:
@@ -85,9 +87,9 @@ async def open_stack(
         anyio.create_task_group() as pumps,
     ):
         pumps.start_soon(rt.pump_output, publish)
-        async with Engine(placer=rt.placer, output=hub) as engine:
-            engine.load({spec.name: spec for spec in specs})
-            yield rt, engine
+        async with Engine(placer=rt.placer, output=hub, **engine) as supervisor:
+            supervisor.load({spec.name: spec for spec in specs})
+            yield rt, supervisor
         pumps.cancel_scope.cancel()
     assert rt.idle, "the runtime was left with processes running"
     assert await list_groups(instance) == []

@@ -49,6 +49,9 @@ log = structlog.get_logger("dynsup.engine")
 # An after-exit hook runs before the restart: it must not hold a crash loop up.
 AFTER_EXIT_TIMEOUT = 3.0
 AfterExit = Callable[[ServiceSpec], Awaitable[None]]
+# Once a GPU unit's group is gone, before its GPUs are used again (a restart
+# or a release): a check that nothing still holds memory on them.
+GpusFreed = Callable[["UnitStatus"], Awaitable[None]]
 
 
 class UnknownUnit(KeyError):
@@ -123,16 +126,20 @@ class Engine:
         *,
         placer: Placer | None = None,
         after_exit: AfterExit | None = None,
+        gpus_freed: GpusFreed | None = None,
     ) -> None:
         """``after_exit`` runs once a unit's leader is gone by itself or by a stop
         (not a detach), before any restart: clean-up only the supervisor can do
-        for a process that died without doing it (Dynamo's discovery records)."""
+        for a process that died without doing it (Dynamo's discovery records).
+        ``gpus_freed`` runs once a unit with GPUs has no process left, before
+        they are used again; its errors are logged, never the unit's."""
         if placer is None:
             if agent is None:
                 raise TypeError("an Engine needs an agent or a placer")
             placer = SingleAgent(agent)
         self._placer = placer
         self._after_exit_hook = after_exit
+        self._gpus_freed_hook = gpus_freed
         self._output = output or OutputHub()
         self._units: dict[str, _Unit] = {}
         self._tg: TaskGroup | None = None
@@ -455,6 +462,7 @@ class Engine:
         except AgentError as exc:
             log.error("unit.agent_lost", error=str(exc))
         unit.group_alive = False
+        await self._gpus_freed(unit)
         up_for = 0.0 if ready_at is None else anyio.current_time() - ready_at
         return status, up_for
 
@@ -523,6 +531,7 @@ class Engine:
                 unit.exit_status = status.describe()
             if leader_was_alive:
                 await self._after_exit(spec)
+            await self._gpus_freed(unit)
         if unit.placement is not None and not detaching:
             try:
                 await self._placer.release(spec)
@@ -543,6 +552,14 @@ class Engine:
                 await self._after_exit_hook(spec)
         except Exception as exc:  # a failed clean-up never fails the unit
             log.warning("unit.after_exit_failed", error=_describe(exc))
+
+    async def _gpus_freed(self, unit: _Unit) -> None:
+        if self._gpus_freed_hook is None or unit.placement is None or not unit.placement.gpus:
+            return
+        try:
+            await self._gpus_freed_hook(self._snapshot(unit))
+        except Exception as exc:  # a failed check never fails the unit
+            log.warning("unit.gpu_check_failed", error=_describe(exc))
 
     # -- stopping many -------------------------------------------------------
 
