@@ -15,8 +15,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynsup.cgroups import own_cgroup
+from dynsup.config import ConfigError, load_config
+from dynsup.ctl import format_status
 
-from .daemon_helpers import DYNSUPCTL, Dynsupd, py_command, run_dynsupd, write_unit
+from .daemon_helpers import DYNSUPCTL, DYNSUPD, Dynsupd, py_command, run_dynsupd, write_unit
 
 SLEEPER = py_command("import time; time.sleep(600)")
 # A leader and two children, one of which leaves the process group (setsid):
@@ -225,3 +227,38 @@ def test_tail_follow_over_several_units_prefixes_each_line_with_its_unit(
             if follower.poll() is None:
                 follower.kill()
                 follower.wait()
+
+
+def test_metrics_listen_that_is_not_host_port_is_refused_naming_file_and_key(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "dynsupd.toml"
+    config.write_text('[metrics]\nlisten = "localhost"\n')
+    with pytest.raises(ConfigError, match=r"dynsupd\.toml: metrics\.listen: expected HOST:PORT"):
+        load_config(config)
+    config.write_text('[metrics]\nlisten = "127.0.0.1:9464"\n')
+    assert load_config(config).metrics_listen == "127.0.0.1:9464"
+    done = subprocess.run(
+        [DYNSUPD, "--metrics", "nope", "--socket", str(tmp_path / "s"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--metrics: expected HOST:PORT" in done.stderr
+
+
+def test_status_text_shows_cpu_memory_and_gpu_memory_or_a_dash() -> None:
+    unit = {
+        "name": "w",
+        "state": "RUNNING",
+        "pid": 7,
+        "uptime": 5,
+        "gpus": ["0"],
+        "cpu_percent": 12.5,
+        "rss_bytes": 150 << 20,
+        "gpu_memory_bytes": None,
+    }
+    line = format_status({"units": [unit]}).text
+    assert line == "w  RUNNING   pid 7, uptime 0:00:05, cpu 12.5%, mem 150.0M, gpu mem -, gpus 0\n"
+    held = format_status({"units": [unit | {"gpu_memory_bytes": 3 << 30}]}).text
+    assert "gpu mem 3.0G" in held
