@@ -295,7 +295,7 @@ def instrument(handlers: Mapping[str, Handler], follower: MetricsFollower) -> di
         async def counted(args: dict[str, Any]) -> Any:
             try:
                 outcome = await handler(args)
-            except BaseException as exc:
+            except Exception as exc:  # a cancelled request (client gone) is not counted
                 follower.request_done(verb, getattr(exc, "code", "INTERNAL"))
                 raise
             follower.request_done(verb, "ok")

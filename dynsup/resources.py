@@ -211,7 +211,11 @@ class ResourceMonitor:
             now = self._clock()
             if self._cached is not None and now - self._cached[0] <= max_age:
                 cached = self._cached[1]
-                if all(name in cached for name in self._measurable(leaders)):
+                # Fresh enough, if it measured these units' current processes.
+                if all(
+                    name in cached and leaders[name].pid in cached[name].pids
+                    for name in self._measurable(leaders)
+                ):
                     return {n: cached[n] for n in leaders if n in cached}
             usage = self._sample(leaders, now)
             self._cached = (now, usage)
@@ -249,7 +253,9 @@ class ResourceMonitor:
                 gpu_memory=tuple(sorted(per_gpu.items())),
                 pids=frozenset(pids),
             )
-        self._last = {n: (leaders[n].pid, u.cpu_seconds, now) for n, u in usage.items()}
+        # Kept for the units not asked this time (`status NAME`), while they run.
+        self._last = {n: last for n, last in self._last.items() if last[0] in table}
+        self._last.update({n: (leaders[n].pid, u.cpu_seconds, now) for n, u in usage.items()})
         return usage
 
     def _percent(
