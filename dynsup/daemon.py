@@ -56,7 +56,6 @@ from .logs import (
     configure_logging,
     journal_is_live,
 )
-from .metrics import MetricsFollower, MetricsServer, instrument, watch_loop_lag
 from .plan import check_units
 from .resources import ResourceMonitor
 from .sdnotify import Notifier
@@ -271,29 +270,6 @@ async def flush_journal_on_exit(engine: Engine, journal: UnitOutputForwarder) ->
                 journal.flush(snap.name)
 
 
-async def serve_metrics(
-    listen: str,
-    follower: MetricsFollower,
-    monitor: ResourceMonitor,
-    *,
-    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """GET /metrics until cancelled. An address in use costs the metrics, not the units."""
-    server = MetricsServer(listen, follower, monitor)
-    try:
-        server.start()
-    except OSError as exc:
-        log.error("metrics.bind_failed", address=listen, error=str(exc))
-        task_status.started()
-        return
-    task_status.started()
-    try:
-        await anyio.sleep_forever()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(server.close)
-
-
 def open_journal(
     rate_limit: RateLimit,
 ) -> tuple[JournalSender | None, UnitOutputForwarder | None]:
@@ -363,7 +339,6 @@ class Daemon:
         journal: UnitOutputForwarder | None,
     ) -> None:
         desired = self.desired
-        follower = MetricsFollower()
         monitor = ResourceMonitor(gpus=open_probe)
         async with (
             Engine(
@@ -387,12 +362,18 @@ class Daemon:
                 check=backend.check,
                 resources=monitor,
             )
-            server.handlers.update(instrument(commands.handlers(), follower))
-            await tg.start(server.serve)
-            tg.start_soon(keep_running, "metrics", follower.follow, engine)
-            tg.start_soon(keep_running, "loop_lag", watch_loop_lag, follower)
+            handlers = commands.handlers()
             if self.settings.metrics:
-                await tg.start(serve_metrics, self.settings.metrics, follower, monitor)
+                # prometheus_client costs ~60 ms of start-up: loaded only when asked for.
+                from . import metrics
+
+                follower = metrics.MetricsFollower()
+                handlers = metrics.instrument(handlers, follower)
+                tg.start_soon(keep_running, "metrics", follower.follow, engine)
+                tg.start_soon(keep_running, "loop_lag", metrics.watch_loop_lag, follower)
+                await tg.start(metrics.serve, self.settings.metrics, follower, monitor)
+            server.handlers.update(handlers)
+            await tg.start(server.serve)
             tg.start_soon(keep_running, "pump", backend.pump, output_consumer(hub, journal))
             if journal is not None:
                 tg.start_soon(keep_running, "journal_flush", flush_journal_on_exit, engine, journal)

@@ -30,7 +30,9 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import anyio
+import anyio.to_thread
 import structlog
+from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -335,3 +337,26 @@ class MetricsServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+async def serve(
+    listen: str,
+    follower: MetricsFollower,
+    monitor: ResourceMonitor,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """GET /metrics until cancelled. An address in use costs the metrics, not the units."""
+    server = MetricsServer(listen, follower, monitor)
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("metrics.bind_failed", address=listen, error=str(exc))
+        task_status.started()
+        return
+    task_status.started()
+    try:
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(server.close)
