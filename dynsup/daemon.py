@@ -42,7 +42,8 @@ from .control.paths import socket_path
 from .control.protocol import CommandError
 from .control.server import AccessPolicy, AlreadyRunning, ControlServer
 from .dynamo import StackContext, expand_stack
-from .dynamo.withdraw import withdraw_dead, withdraw_leftovers
+from .dynamo.drain import drain
+from .dynamo.withdraw import withdraw_dead, withdraw_leftovers, withdraw_unit
 from .engine import Engine, OutputHub, State, UnitStatus
 from .engine.states import UP_OR_GAVE_UP
 from .gpucheck import GpusFreedCheck
@@ -346,6 +347,8 @@ class Daemon:
                 output=hub,
                 after_exit=withdraw_dead,
                 gpus_freed=GpusFreedCheck(),
+                withdraw=withdraw_unit,
+                drain=drain,
             ) as engine,
             anyio.create_task_group() as tg,
         ):

@@ -1,4 +1,4 @@
-"""Readiness probes: is a started unit ready to serve?
+"""Readiness and liveness probes: is a started unit ready to serve, is a running one alive?
 
 Each probe is an async function that returns once the unit is ready, retrying
 every `interval`; the caller bounds it with the probe's timeout and cancels it
@@ -7,6 +7,10 @@ answers, a command exiting non-zero) are retried; nothing here raises for them.
 Any answer that breaks the protocol (garbage chunk sizes, a connection closed
 mid-headers, something that is not HTTP) counts as "not ready", the way httpx
 maps transport errors where they enter.
+
+A liveness check (`check_live`) is one attempt of the same probes, bounded
+by the liveness spec's timeout: a hung peer (a SIGSTOPped worker whose
+kernel still accepts the connection) is a failed check, not a wait.
 
 An exec probe runs in a session of its own; when it overruns (or the probe is
 cancelled) its whole process group is killed and the probe reaped, so a
@@ -21,12 +25,12 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import anyio
 
-from .units.spec import ProbeKind, ReadySpec
+from .units.spec import LiveSpec, ProbeKind, ReadySpec
 
 # A log probe reads the unit's output as it is printed.
 LineSource = Callable[[], AsyncIterator[str]]
@@ -46,14 +50,28 @@ async def wait_ready(spec: ReadySpec, lines: LineSource | None = None) -> None:
             raise ValueError("a log probe needs the unit's output")
         await _wait_log(re.compile(spec.target), lines)
         return
-    check = {
-        ProbeKind.TCP: lambda: _tcp_ok(spec.target),
-        ProbeKind.HTTP: lambda: _http_ok(spec.target),
-        ProbeKind.EXEC: lambda: _exec_ok(spec.argv, spec.interval),
-        ProbeKind.MODELS: lambda: _models_ok(spec.target, spec.models),
-    }[spec.kind]
-    while not await check():
+    while not await _check(spec):
         await anyio.sleep(spec.interval)
+
+
+async def check_live(spec: LiveSpec) -> bool:
+    """One liveness check, bounded by spec.timeout: False when it fails or overruns."""
+    with anyio.move_on_after(spec.timeout):
+        return await _check(spec)
+    return False
+
+
+def _check(spec: ReadySpec) -> Awaitable[bool]:
+    """One attempt of a polling probe (any kind but log)."""
+    if spec.kind is ProbeKind.TCP:
+        return _tcp_ok(spec.target)
+    if spec.kind is ProbeKind.HTTP:
+        return _http_ok(spec.target)
+    if spec.kind is ProbeKind.EXEC:
+        return _exec_ok(spec.argv, spec.interval)
+    if spec.kind is ProbeKind.MODELS:
+        return _models_ok(spec.target, spec.models)
+    raise ValueError(f"{spec.kind.value} is not a polling probe")
 
 
 async def _wait_log(pattern: re.Pattern[str], lines: LineSource) -> None:

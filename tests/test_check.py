@@ -66,7 +66,7 @@ def test_check_prints_the_demo_plan_and_starts_binds_and_writes_nothing(tmp_path
     assert sorted(processes) == ["frontend", "tiny-0", "tiny-1", "tiny-2"]
     worker = processes["tiny-2"]
     assert worker["argv"][:3] == [sys.executable, "-m", "dynamo.mocker"]
-    assert worker["env"]["DYN_SYSTEM_PORT"] == str(29400 + 2 * 4)  # the remembered block
+    assert worker["env"]["DYN_SYSTEM_PORT"] == str(29400 + 2 * 5)  # the remembered block
     assert worker["env"]["DYN_FILE_KV"] == str(state / "dynamo-discovery" / "demo")
     assert worker["unset"] == ["DYN_*", "ETCD_*", "NATS_*"]
     assert worker["ports"] == [29408]

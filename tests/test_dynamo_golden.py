@@ -145,11 +145,12 @@ WORKERS = (
 )
 PATTERNS = {
     # directory (= namespace): (router mode, migration limit)
-    "agg": ("round-robin", 0),
+    # (3 is dynsup's default: a broken stream goes on on another replica)
+    "agg": ("round-robin", 3),
     "agg-router": ("kv", 3),
-    "disagg": ("round-robin", 0),
+    "disagg": ("round-robin", 3),
     "disagg-router": ("kv", 3),
-    "multinode-tp": ("round-robin", 0),
+    "multinode-tp": ("round-robin", 3),
 }
 
 
@@ -286,8 +287,8 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
             "--kv-events-config", EVENTS_OFF,
             *QWEN_AGG_ARGS,
         ),
-        {"DYN_SYSTEM_PORT": "21400"},
-        (21400,),
+        {"DYN_SYSTEM_PORT": "21400", "DYN_TCP_RPC_PORT": "21403"},
+        (21400, 21403),
     ),
     "agg-router/qwen-0": (
         (
@@ -300,8 +301,8 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
             '"enable_kv_cache_events":true}',
             *QWEN_ROUTER_ARGS,
         ),
-        {"DYN_SYSTEM_PORT": "21400"},
-        (21400, 21401),
+        {"DYN_SYSTEM_PORT": "21400", "DYN_TCP_RPC_PORT": "21403"},
+        (21400, 21403, 21401),
     ),
     "agg-router/qwen-1": (
         (
@@ -310,12 +311,12 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
             "--discovery-backend", "etcd",
             "--tensor-parallel-size", "1",
             "--kv-events-config",
-            '{"publisher":"zmq","topic":"kv-events","endpoint":"tcp://*:21405",'
+            '{"publisher":"zmq","topic":"kv-events","endpoint":"tcp://*:21406",'
             '"enable_kv_cache_events":true}',
             *QWEN_ROUTER_ARGS,
         ),
-        {"DYN_SYSTEM_PORT": "21404"},
-        (21404, 21405),
+        {"DYN_SYSTEM_PORT": "21405", "DYN_TCP_RPC_PORT": "21408"},
+        (21405, 21408, 21406),
     ),
     "disagg/qwen-prefill-0": (
         (
@@ -330,10 +331,11 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
         ),
         {
             "DYN_SYSTEM_PORT": "21600",
+            "DYN_TCP_RPC_PORT": "21603",
             "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-            "VLLM_NIXL_SIDE_CHANNEL_PORT": "21603",
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": "21604",
         },
-        (21600, 21603),
+        (21600, 21603, 21604),
     ),
     "disagg/qwen-decode-0": (
         (
@@ -348,10 +350,11 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
         ),
         {
             "DYN_SYSTEM_PORT": "21400",
+            "DYN_TCP_RPC_PORT": "21403",
             "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-            "VLLM_NIXL_SIDE_CHANNEL_PORT": "21403",
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": "21404",
         },
-        (21400, 21403),
+        (21400, 21403, 21404),
     ),
     **{
         f"disagg-router/qwen-prefill-{i}": (
@@ -363,18 +366,19 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
                 "--tensor-parallel-size", "1",
                 "--kv-events-config",
                 '{"publisher":"zmq","topic":"kv-events","endpoint":"tcp://*:'
-                f'{21601 + 4 * i}","enable_kv_cache_events":true}}',
+                f'{21601 + 5 * i}","enable_kv_cache_events":true}}',
                 "--kv-transfer-config", nixl("prefill"),
                 *QWEN_ROUTER_ARGS,
                 "--max-num-batched-tokens", "16384",
                 "--max-num-seqs", "16",
             ),
             {
-                "DYN_SYSTEM_PORT": str(21600 + 4 * i),
+                "DYN_SYSTEM_PORT": str(21600 + 5 * i),
+                "DYN_TCP_RPC_PORT": str(21603 + 5 * i),
                 "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(21603 + 4 * i),
+                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(21604 + 5 * i),
             },
-            (21600 + 4 * i, 21601 + 4 * i, 21603 + 4 * i),
+            (21600 + 5 * i, 21603 + 5 * i, 21601 + 5 * i, 21604 + 5 * i),
         )
         for i in range(2)
     },
@@ -395,10 +399,11 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
         ),
         {
             "DYN_SYSTEM_PORT": "21400",
+            "DYN_TCP_RPC_PORT": "21403",
             "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-            "VLLM_NIXL_SIDE_CHANNEL_PORT": "21403",
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": "21404",
         },
-        (21400, 21403),
+        (21400, 21403, 21404),
     ),
     "multinode-tp/deepseek-0": (
         (
@@ -418,12 +423,13 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
         ),
         {
             "DYN_SYSTEM_PORT": "21000",
+            "DYN_TCP_RPC_PORT": "21003",
             # The gang tells each rank where it stands.
             "DYNSUP_RANK": "0",
             "DYNSUP_RANKS": "2",
             "DYNSUP_RANK0_ADDR": "{rank0_addr}",
         },
-        (21000, 21002),
+        (21000, 21003, 21002),
     ),
 }  # fmt: skip
 

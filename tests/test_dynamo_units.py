@@ -14,6 +14,7 @@ import pytest
 
 from dynsup.dynamo import StackContext, expand_stack
 from dynsup.units import ProbeKind, ReadySpec, RestartPolicy, ServiceSpec, load_units
+from dynsup.units.spec import LiveSpec
 
 pytestmark = pytest.mark.dynamo
 
@@ -86,6 +87,8 @@ def test_worker_env(specs: dict[str, ServiceSpec], name: str) -> None:
     env = specs[name].env
     port = int(env.pop("DYN_SYSTEM_PORT"))
     assert 1024 < port < 32768
+    # The request plane's port is fixed: a hung worker's records are found by it.
+    assert int(env.pop("DYN_TCP_RPC_PORT")) == port + 3
     assert env == {
         "DYN_EVENT_PLANE": "zmq",
         "DYN_FILE_KV": f"{STATE}/dynamo-discovery/demo",
@@ -110,7 +113,16 @@ def test_worker_unit(specs: dict[str, ServiceSpec], name: str) -> None:
     assert spec.ready == ReadySpec(
         kind=ProbeKind.HTTP, target=f"http://127.0.0.1:{port}/health", timeout=120, interval=0.05
     )
-    assert spec.ports == (port,)  # the mocker binds no KV-event or NIXL port
+    # The mocker binds no KV-event or NIXL port; the request plane's is fixed.
+    assert spec.ports == (port, port + 3)
+    assert spec.registry is not None and spec.registry.own == (f"127.0.0.1:{port + 3}",)
+    assert spec.live == LiveSpec(
+        kind=ProbeKind.HTTP,
+        target=f"http://127.0.0.1:{port}/live",
+        interval=1.0,
+        timeout=2.0,
+        failures=3,
+    )
     assert spec.gpus == 0
     assert spec.requires == ()  # nothing to wait for with file discovery
     assert spec.restart is RestartPolicy.ALWAYS
@@ -126,7 +138,7 @@ def test_workers_have_distinct_system_ports(specs: dict[str, ServiceSpec]) -> No
 
 def test_every_port_assigned_once(specs: dict[str, ServiceSpec]) -> None:
     ports = [port for spec in specs.values() for port in spec.ports]
-    assert len(ports) == len(set(ports)) == 3
+    assert len(ports) == len(set(ports)) == 5
 
 
 def test_frontend(specs: dict[str, ServiceSpec]) -> None:
@@ -138,6 +150,7 @@ def test_frontend(specs: dict[str, ServiceSpec]) -> None:
         "--namespace", "demo",
         "--router-mode", "kv",
         "--discovery-backend", "file",
+        "--migration-limit", "3",  # on by default
     )  # fmt: skip
     assert frontend.env == {
         "DYN_EVENT_PLANE": "zmq",

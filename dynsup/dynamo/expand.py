@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from ..units.errors import UnitError
-from ..units.spec import ProbeKind, ReadySpec, Registry, RestartPolicy, ServiceSpec, freeze_env
+from ..units.spec import (
+    LiveSpec,
+    ProbeKind,
+    ReadySpec,
+    Registry,
+    RestartPolicy,
+    ServiceSpec,
+    freeze_env,
+)
 from ..units.stack import ModelSpec, StackSpec, thaw_args
 from .binaries import MissingProgram, etcd_binary, nats_binary, python_module
 from .flags import merge_args, to_flags
@@ -37,6 +45,19 @@ from .ports import PortError, model_blocks, worker_ports
 from .releases import MOCKER_STOP, Release, installed_release
 
 UNSET = ("DYN_*", "ETCD_*", "NATS_*")
+DEFAULT_MIGRATION_LIMIT = 3
+# Liveness, checked only once RUNNING (a slow model load is the readiness
+# probe's business). `/live` of a worker's system port is answered by Dynamo's
+# runtime threads, not by the engine, so a busy engine still answers; a hung
+# process (SIGSTOP, a wedged runtime) does not. A check fails when no answer
+# comes within `timeout`; `failures` in a row are needed, so one slow answer on
+# a loaded node is never a restart. Mocker: found in about 3 x (2 + 1) = 9 s.
+# vLLM: more patience (a GIL-heavy step can delay the HTTP thread): ~21 s.
+WORKER_LIVE = {
+    "mocker": {"interval": 1.0, "timeout": 2.0, "failures": 3},
+    "vllm": {"interval": 2.0, "timeout": 5.0, "failures": 3},
+}
+FRONTEND_LIVE = {"interval": 1.0, "timeout": 2.0, "failures": 3}
 IMPLICIT = ("etcd", "nats", "frontend")
 # Flags dynsup sets itself: an engine_args key for one would come later and win.
 OWNED_ARGS = {
@@ -148,10 +169,10 @@ class _Builder:
     def discovery_dir(self) -> str:
         return str(Path(self.ctx.state_dir) / "dynamo-discovery" / self.stack.namespace)
 
-    def registry(self) -> Registry:
+    def registry(self, own: tuple[str, ...] = ()) -> Registry:
         if self.use_etcd:
-            return Registry("etcd", self.etcd_url().split(",")[0])
-        return Registry("file", self.discovery_dir())
+            return Registry("etcd", self.etcd_url().split(",")[0], own)
+        return Registry("file", self.discovery_dir(), own)
 
     def dynamo_env(self) -> dict[str, str]:
         env = {
@@ -262,7 +283,11 @@ class _Builder:
 
     def frontend(self) -> ServiceSpec:
         stack = self.stack
+        # On by default: a stream broken by a worker's stop or crash goes on on
+        # another replica. One value for the frontend (Dynamo's flag is the
+        # frontend's), kept constant so that the model list does not change it.
         migration = max((m.migration_limit for m in self.models), default=0)
+        migration = max(migration, DEFAULT_MIGRATION_LIMIT)
         command = [
             *python_module("dynamo.frontend"),
             "--http-host", self.host,
@@ -288,6 +313,11 @@ class _Builder:
                 timeout=600 if any(m.engine == "vllm" for m in self.models) else 300,
                 interval=0.05,
             ),
+            live=LiveSpec(
+                kind=ProbeKind.HTTP,
+                target=f"http://{self.host}:{stack.frontend_port}/live",
+                **FRONTEND_LIVE,
+            ),
             env=self.dynamo_env(),
             ports=(stack.frontend_port,),
             requires=self.infra(),
@@ -304,6 +334,7 @@ class _Builder:
         command: tuple[str, ...],
         ready: ReadySpec,
         *,
+        live: LiveSpec | None = None,
         env: dict[str, str],
         ports: tuple[int, ...],
         requires: tuple[str, ...],
@@ -321,6 +352,7 @@ class _Builder:
             start_limit_interval=60.0,
             stop_timeout=10.0,
             ready=ready,
+            live=live,
             unset_env=UNSET,
             ports=ports,
             source=f"{self.stack.source} (implicit {name})",
@@ -399,12 +431,13 @@ class _Builder:
             **self.dynamo_env(),
             "DYN_SYSTEM_HOST": self.host,
             "DYN_SYSTEM_PORT": str(ports.system),
+            "DYN_TCP_RPC_PORT": str(ports.rpc),
             # Without it the mocker's /health never says ready (Dynamo 1.4.2).
             "DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS": '["generate"]',
             **dict(model.environment),
         }
         argv = [*module]
-        bound = [ports.system]
+        bound = [ports.system, ports.rpc]
         if model.engine == "mocker":
             argv += ["--model-path", model.path, "--model-name", model.model]
         else:
@@ -453,11 +486,16 @@ class _Builder:
                 # A vLLM worker logs an error for each early /health answer: ask seldom.
                 interval=1.0 if model.engine == "vllm" else 0.05,
             ),
+            live=LiveSpec(
+                kind=ProbeKind.HTTP,
+                target=f"http://{self.host}:{ports.system}/live",
+                **WORKER_LIVE[model.engine],
+            ),
             gpus=gpus,
             unset_env=UNSET,
             ports=tuple(bound),
             secondary_args=("--headless",) if ranks > 1 else (),
-            registry=self.registry(),
+            registry=self.registry(own=(f"{self.host}:{ports.rpc}",)),
             source=model.source,
         )
         return [spec]

@@ -29,14 +29,18 @@ class WorkerPorts:
     system: int  # DYN_SYSTEM_PORT: /health
     kv_events: int  # vLLM's KV-event publisher (ZMQ)
     master: int  # torch.distributed master port of a multi-node group
+    # DYN_TCP_RPC_PORT: the request plane's address that the worker advertises in
+    # discovery. Known in advance, so a hung worker's records can be withdrawn.
+    rpc: int
     nixl: int  # first of tp ports for VLLM_NIXL_SIDE_CHANNEL_PORT
 
     def all(self, tp: int) -> tuple[int, ...]:
-        return (self.system, self.kv_events, self.master, *range(self.nixl, self.nixl + tp))
+        fixed = (self.system, self.kv_events, self.master, self.rpc)
+        return (*fixed, *range(self.nixl, self.nixl + tp))
 
 
 def stride(tp: int) -> int:
-    return 3 + tp
+    return 4 + tp
 
 
 def model_blocks(
@@ -82,4 +86,6 @@ def worker_ports(block: int, role: str, replica: int, tp: int) -> WorkerPorts:
     if first + stride(tp) > start + half:
         most = half // stride(tp)
         raise PortError(f"at most {most} {role} replicas fit a model's port block (tp={tp})")
-    return WorkerPorts(system=first, kv_events=first + 1, master=first + 2, nixl=first + 3)
+    return WorkerPorts(
+        system=first, kv_events=first + 1, master=first + 2, rpc=first + 3, nixl=first + 4
+    )

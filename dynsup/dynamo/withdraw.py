@@ -121,6 +121,11 @@ async def refused_among(addresses: Iterable[Address]) -> set[Address]:
     return refused
 
 
+def _address(text: str) -> Address:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 # -- file discovery -----------------------------------------------------------
 
 
@@ -197,11 +202,18 @@ async def withdraw_dead(spec: ServiceSpec) -> None:
         await withdraw_dead_records(spec.registry)
 
 
+async def withdraw_unit(spec: ServiceSpec) -> None:
+    """The engine's withdraw hook, before a live process is stopped (a hung one,
+    or one to drain): its own records go as if it were dead, with the dead ones."""
+    if spec.registry is not None:
+        await withdraw_dead_records(spec.registry, own=spec.registry.own)
+
+
 async def withdraw_leftovers(specs: Iterable[ServiceSpec]) -> None:
     """At daemon start: what dead processes of an earlier run (a crash, a power
     loss) left in file discovery, which a new frontend would list and route to.
     (etcd is not running yet then; its leases run out by themselves.)"""
-    registries = {s.registry for s in specs if s.registry is not None}
+    registries = {Registry(s.registry.backend, s.registry.location) for s in specs if s.registry}
     for registry in sorted(r for r in registries if r.backend == "file"):
         try:
             await withdraw_dead_records(registry)
@@ -209,14 +221,16 @@ async def withdraw_leftovers(specs: Iterable[ServiceSpec]) -> None:
             log.warning("dynamo.withdraw_failed", location=registry.location, error=str(exc))
 
 
-async def withdraw_dead_records(registry: Registry) -> list[Record]:
+async def withdraw_dead_records(registry: Registry, own: Iterable[str] = ()) -> list[Record]:
+    """Withdraw the records whose address refuses connections, and those at ``own``
+    ("host:port" of a process being stopped), with what goes with them."""
     if registry.backend == "file":
         root = Path(registry.location)
         records = await anyio.to_thread.run_sync(file_records, root)
     else:
         records = await anyio.to_thread.run_sync(etcd_records, registry.location)
     refused = await refused_among(r.address for r in records if r.address is not None)
-    dead = dead_records(records, refused)
+    dead = dead_records(records, refused | {_address(text) for text in own})
     if not dead:
         return []
     if registry.backend == "file":

@@ -36,8 +36,8 @@ from ..agent_api import (
     StopFailed,
 )
 from ..broadcast import Feed, Pulse
-from ..probes import wait_ready
-from ..units.spec import ProbeKind, ServiceSpec
+from ..probes import check_live, wait_ready
+from ..units.spec import LiveSpec, ProbeKind, ServiceSpec
 from .output import LineSubscription, OutputHub
 from .placement import Placement, PlacementFailed, Placer, SingleAgent
 from .policy import Done, GiveUp, History, decide
@@ -48,7 +48,11 @@ log = structlog.get_logger("dynsup.engine")
 
 # An after-exit hook runs before the restart: it must not hold a crash loop up.
 AFTER_EXIT_TIMEOUT = 3.0
-AfterExit = Callable[[ServiceSpec], Awaitable[None]]
+# A drain lets in-flight work finish; Dynamo's own drain step is bounded the same.
+DRAIN_TIMEOUT = 30.0
+# A hook gets the unit's spec: clean-up only the stack knows (Dynamo's discovery).
+Hook = Callable[[ServiceSpec], Awaitable[None]]
+AfterExit = Hook
 # Once a GPU unit's group is gone, before its GPUs are used again (a restart
 # or a release): a check that nothing still holds memory on them.
 GpusFreed = Callable[["UnitStatus"], Awaitable[None]]
@@ -111,6 +115,12 @@ class _Unit:
 
 
 @dataclass
+class _Liveness:
+    checks: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    failed: str | None = None  # why the unit was found not live
+
+
+@dataclass
 class _ExitBox:
     exited: anyio.Event = field(default_factory=anyio.Event)
     status: ExitStatus | None = None
@@ -125,14 +135,20 @@ class Engine:
         output: OutputHub | None = None,
         *,
         placer: Placer | None = None,
-        after_exit: AfterExit | None = None,
+        after_exit: Hook | None = None,
         gpus_freed: GpusFreed | None = None,
+        withdraw: Hook | None = None,
+        drain: Hook | None = None,
     ) -> None:
         """``after_exit`` runs once a unit's leader is gone by itself or by a stop
         (not a detach), before any restart: clean-up only the supervisor can do
         for a process that died without doing it (Dynamo's discovery records).
         ``gpus_freed`` runs once a unit with GPUs has no process left, before
-        they are used again; its errors are logged, never the unit's."""
+        they are used again; its errors are logged, never the unit's.
+        ``withdraw`` runs before a unit that failed its liveness probe is killed
+        (it is hung: it cannot withdraw itself). ``drain`` runs before a requested
+        stop of a live unit (withdraw, then let in-flight work finish), bounded
+        by DRAIN_TIMEOUT."""
         if placer is None:
             if agent is None:
                 raise TypeError("an Engine needs an agent or a placer")
@@ -140,6 +156,8 @@ class Engine:
         self._placer = placer
         self._after_exit_hook = after_exit
         self._gpus_freed_hook = gpus_freed
+        self._withdraw_hook = withdraw
+        self._drain_hook = drain
         self._output = output or OutputHub()
         self._units: dict[str, _Unit] = {}
         self._tg: TaskGroup | None = None
@@ -275,6 +293,9 @@ class Engine:
             self._units[name].spec = new_specs[name]
         for name in plan.added:
             self._units[name] = _Unit(new_specs[name])
+        for name, unit in self._units.items():
+            # Equal but for how it is watched (its probes): the new watch from the next start.
+            unit.spec = new_specs[name]
         for name in sorted(plan.changed):
             if name in was_wanted:
                 self.start_nowait(name)
@@ -432,6 +453,7 @@ class Engine:
         leader = _ExitBox()
         ready_at: float | None = None
         not_ready: str | None = None
+        liveness = _Liveness()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_leader, unit, leader)
             try:
@@ -442,12 +464,15 @@ class Engine:
             if outcome == "ready":
                 ready_at = anyio.current_time()
                 self._set_state(unit, State.RUNNING, reason="ready")
+                if spec.live is not None:
+                    tg.start_soon(self._watch_live, unit, spec.live, liveness)
             elif outcome == "timeout":
                 timeout = spec.ready.timeout if spec.ready else spec.start_seconds
                 not_ready = f"not ready within {timeout:g}s"
                 log.warning("unit.not_ready", pid=spawned.pid, timeout=timeout)
                 await agent.stop(spec.name, spec.stop_signal.name, spec.stop_timeout)
             await leader.exited.wait()
+            liveness.checks.cancel()  # a dead leader is not checked (acting on it finishes)
         assert leader.status is not None
         status = leader.status
         # The truth at once: the leader is gone, whatever of its group is left.
@@ -455,6 +480,8 @@ class Engine:
         unit.exit_status = status.describe()
         if not_ready is not None:
             status = replace(status, error=f"{not_ready} ({status.describe()})")
+        elif liveness.failed is not None:
+            status = replace(status, error=f"{liveness.failed} ({status.describe()})")
         self._set_state(unit, State.STOPPING, reason=f"{status.describe()}; tearing down the group")
         await self._after_exit(spec)
         try:
@@ -465,6 +492,32 @@ class Engine:
         await self._gpus_freed(unit)
         up_for = 0.0 if ready_at is None else anyio.current_time() - ready_at
         return status, up_for
+
+    async def _watch_live(self, unit: _Unit, live: LiveSpec, liveness: _Liveness) -> None:
+        """Check a RUNNING unit; after ``live.failures`` failed checks in a row,
+        withdraw it (the withdraw hook) and kill its group: a hung process
+        drains nothing, so it gets SIGKILL at once. The lifecycle then sees the
+        exit and decides the restart, the reason starting "liveness: "."""
+        with liveness.checks:
+            await anyio.sleep(live.grace)
+            failed = 0
+            while failed < live.failures:
+                if await check_live(live):
+                    failed = 0
+                else:
+                    failed += 1
+                    log.warning("unit.live_check_failed", failed=failed, of=live.failures)
+                if failed < live.failures:
+                    await anyio.sleep(live.interval)
+        if liveness.checks.cancel_called:
+            return
+        liveness.failed = (
+            f"liveness: {live.kind.value} {live.target} failed {failed} times in a row"
+        )
+        log.error("unit.not_live", reason=liveness.failed)
+        with anyio.CancelScope(shield=True):
+            await self._hook(self._withdraw_hook, unit.spec, AFTER_EXIT_TIMEOUT)
+            await self._agent_of(unit).stop(unit.spec.name, "SIGKILL", unit.spec.stop_timeout)
 
     async def _watch_leader(self, unit: _Unit, box: _ExitBox) -> None:
         try:
@@ -512,6 +565,9 @@ class Engine:
             )
         if unit.group_alive and not detaching:
             leader_was_alive = unit.process_alive
+            if leader_was_alive:
+                # Withdrawn, in-flight work finished, and only then the stop signal.
+                await self._hook(self._drain_hook, spec, DRAIN_TIMEOUT)
             try:
                 status = await self._agent_of(unit).stop(
                     spec.name, spec.stop_signal.name, spec.stop_timeout
@@ -545,13 +601,19 @@ class Engine:
             self._set_state(unit, State.STOPPED, reason=reason)
 
     async def _after_exit(self, spec: ServiceSpec) -> None:
-        if self._after_exit_hook is None:
+        await self._hook(self._after_exit_hook, spec, AFTER_EXIT_TIMEOUT)
+
+    @staticmethod
+    async def _hook(hook: Hook | None, spec: ServiceSpec, timeout: float) -> None:
+        """Run a clean-up hook, bounded; a failed or late clean-up never fails the unit."""
+        if hook is None:
             return
         try:
-            with anyio.fail_after(AFTER_EXIT_TIMEOUT):
-                await self._after_exit_hook(spec)
-        except Exception as exc:  # a failed clean-up never fails the unit
-            log.warning("unit.after_exit_failed", error=_describe(exc))
+            with anyio.fail_after(timeout):
+                await hook(spec)
+        except Exception as exc:
+            name = getattr(hook, "__name__", "?")
+            log.warning("unit.hook_failed", hook=name, error=_describe(exc))
 
     async def _gpus_freed(self, unit: _Unit) -> None:
         if self._gpus_freed_hook is None or unit.placement is None or not unit.placement.gpus:

@@ -27,7 +27,7 @@ import signal
 import string
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from .durations import parse_duration, parse_positive_duration
 from .errors import (
@@ -44,7 +44,7 @@ from .errors import (
     int_at_least,
     show,
 )
-from .spec import ProbeKind, ReadySpec, RestartPolicy, ServiceSpec, freeze_env
+from .spec import LiveSpec, ProbeKind, ReadySpec, RestartPolicy, ServiceSpec, freeze_env
 
 SERVICE_KEYS = (
     "command",
@@ -62,12 +62,17 @@ SERVICE_KEYS = (
 )
 PROBES = tuple(kind.value for kind in ProbeKind)
 READY_KEYS = (*PROBES, "names", "timeout", "interval")
+# A line is printed once: liveness is asked again and again, so no log probe.
+LIVE_PROBES = tuple(kind.value for kind in ProbeKind if kind is not ProbeKind.LOG)
+LIVE_KEYS = (*LIVE_PROBES, "names", "timeout", "interval", "failures", "grace")
 RESOURCES_KEYS = ("gpus",)
 # Top-level tables that belong to a [service] unit besides [service] itself.
-SERVICE_TABLES = ("ready", "resources")
+SERVICE_TABLES = ("ready", "live", "resources")
 
 _DEFAULTS = ServiceSpec(name="", command=())
 _READY_DEFAULTS = ReadySpec(kind=ProbeKind.TCP, target="")
+_LIVE_DEFAULTS = LiveSpec(kind=ProbeKind.TCP, target="")
+ProbeSpec = TypeVar("ProbeSpec", bound=ReadySpec)
 
 
 def parse_service(
@@ -109,6 +114,7 @@ def parse_service(
         stop_timeout=service.get("stop_timeout", parse_duration, _DEFAULTS.stop_timeout),
         start_seconds=service.get("start_seconds", parse_duration, _DEFAULTS.start_seconds),
         ready=parse_ready(problems, document),
+        live=parse_live(problems, document),
         gpus=parse_gpus(problems, document),
     )
 
@@ -143,41 +149,70 @@ def parse_ready(problems: Problems, document: Mapping[str, Any]) -> ReadySpec | 
     ready = section(problems, document, "ready", READY_KEYS)
     timeout = ready.get("timeout", parse_positive_duration, _READY_DEFAULTS.timeout)
     interval = ready.get("interval", parse_positive_duration, _READY_DEFAULTS.interval)
-    names = tuple(ready.get("names", as_models_names, []))
+    found = _probe(problems, ready, PROBES)
+    if found is None:
+        return None
+    kind, value, names = found
+    return _probe_spec(ReadySpec, kind, value, names, timeout=timeout, interval=interval)
+
+
+def parse_live(problems: Problems, document: Mapping[str, Any]) -> LiveSpec | None:
+    """The ``[live]`` probe, or None without one (or when it is invalid)."""
+    if "live" not in document:
+        return None
+    live = section(problems, document, "live", LIVE_KEYS)
+    found = _probe(problems, live, LIVE_PROBES)
+    settings = {
+        "timeout": live.get("timeout", parse_positive_duration, _LIVE_DEFAULTS.timeout),
+        "interval": live.get("interval", parse_positive_duration, _LIVE_DEFAULTS.interval),
+        "failures": live.get("failures", int_at_least(1), _LIVE_DEFAULTS.failures),
+        "grace": live.get("grace", parse_duration, _LIVE_DEFAULTS.grace),
+    }
+    if found is None:
+        return None
+    kind, value, names = found
+    return _probe_spec(LiveSpec, kind, value, names, **settings)
+
+
+def _probe(
+    problems: Problems, table: Table, kinds: tuple[str, ...]
+) -> tuple[ProbeKind, str | tuple[str, ...], tuple[str, ...]] | None:
+    """The one probe of a ``[ready]``/``[live]`` table: kind, value, model names."""
+    names = tuple(table.get("names", as_models_names, []))
     # Check every probe given, even when there are too many, so that all of
     # their problems show up in one pass.
-    probes = {key: ready.get(key, _PROBE_CONVERTERS[key], None) for key in PROBES if key in ready}
-    if "names" in ready and "models" not in ready:
-        ready.report("names", "only used with the 'models' probe")
-    if "models" in ready and "names" not in ready:
-        ready.report("names", "the 'models' probe needs names = [...], the models to wait for")
+    probes = {key: table.get(key, _PROBE_CONVERTERS[key], None) for key in kinds if key in table}
+    if "names" in table and "models" not in table:
+        table.report("names", "only used with the 'models' probe")
+    if "models" in table and "names" not in table:
+        table.report("names", "the 'models' probe needs names = [...], the models to wait for")
     if len(probes) != 1:
-        problems.add("ready", _probe_count_message(list(probes)))
+        problems.add(table.path, _probe_count_message(list(probes), kinds))
         return None
     [(key, value)] = probes.items()
     if value is None:  # the probe's value was invalid, already reported
         return None
-    return _ready_spec(ProbeKind(key), value, names, timeout, interval)
+    return ProbeKind(key), value, names
 
 
-def _probe_count_message(found: list[str]) -> str:
-    choices = "'tcp', 'http', 'log', 'exec' or 'models'"
+def _probe_count_message(found: list[str], kinds: tuple[str, ...]) -> str:
+    choices = ", ".join(repr(k) for k in kinds[:-1]) + f" or {kinds[-1]!r}"
     if not found:
         return f"expected one probe: {choices}"
     return f"expected one probe, found {len(found)}: {', '.join(repr(k) for k in found)}"
 
 
-def _ready_spec(
+def _probe_spec(
+    cls: type[ProbeSpec],
     kind: ProbeKind,
     value: str | tuple[str, ...],
     names: tuple[str, ...],
-    timeout: float,
-    interval: float,
-) -> ReadySpec:
+    **settings: Any,
+) -> ProbeSpec:
     if isinstance(value, tuple):  # exec: keep a readable target for status output
-        return ReadySpec(kind, shlex.join(value), argv=value, timeout=timeout, interval=interval)
+        return cls(kind, shlex.join(value), argv=value, **settings)
     models = names if kind is ProbeKind.MODELS else ()
-    return ReadySpec(kind, value, models=models, timeout=timeout, interval=interval)
+    return cls(kind, value, models=models, **settings)
 
 
 def parse_gpus(problems: Problems, document: Mapping[str, Any]) -> int:

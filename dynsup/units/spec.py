@@ -36,6 +36,22 @@ class ReadySpec:
     interval: float = 0.1  # between two attempts of a polling probe
 
 
+@dataclass(frozen=True)
+class LiveSpec(ReadySpec):
+    """A liveness probe: watches a RUNNING unit (never a starting one).
+
+    The probe kinds are readiness's (no log probe: a line is printed once).
+    Here ``timeout`` bounds one check and ``interval`` separates two; after
+    ``failures`` consecutive failed checks the unit is withdrawn from
+    discovery and restarted. ``grace`` is waited after RUNNING first.
+    """
+
+    timeout: float = 5.0
+    interval: float = 2.0
+    failures: int = 3
+    grace: float = 0.0
+
+
 @dataclass(frozen=True, order=True)
 class Registry:
     """The service-discovery store a unit registers itself in (Dynamo's).
@@ -46,6 +62,9 @@ class Registry:
 
     backend: str  # "file" (a directory of records) or "etcd"
     location: str  # the directory, or the etcd endpoint URL
+    # The addresses ("host:port") the unit advertises: its records, found while it
+    # still runs (a hung process must be withdrawn before it is killed).
+    own: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,7 +87,12 @@ class ServiceSpec:
     stop_signal: signal.Signals = signal.SIGTERM
     stop_timeout: float = 10.0
     start_seconds: float = 1.0
-    ready: ReadySpec | None = None
+    # How the supervisor watches the program, not what runs: a change is no
+    # reason to restart it (`update` takes the new probes for the next start).
+    # So the frontend's readiness, which lists the served models, does not make
+    # adding a model a restart of the frontend.
+    ready: ReadySpec | None = field(default=None, compare=False)
+    live: LiveSpec | None = field(default=None, compare=False)
     gpus: int = 0
     # Inherited variables to drop ("DYN_*" drops a prefix): a stack sets exactly
     # what it needs, and a stray NATS_SERVER in the daemon's environment must not leak in.
