@@ -69,7 +69,7 @@ def test_check_prints_the_demo_plan_and_starts_binds_and_writes_nothing(tmp_path
     assert worker["env"]["DYN_SYSTEM_PORT"] == str(29400 + 2 * 5)  # the remembered block
     assert worker["env"]["DYN_FILE_KV"] == str(state / "dynamo-discovery" / "demo")
     assert worker["unset"] == ["DYN_*", "ETCD_*", "NATS_*"]
-    assert worker["ports"] == [29408]
+    assert worker["ports"] == [29410, 29413]  # /health, the request plane
     assert worker["gpus"] == 0
     assert worker["ready"]["target"] == "http://127.0.0.1:29408/health"
     assert (worker["rank"], worker["ranks"]) == (0, 1)
