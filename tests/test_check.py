@@ -71,7 +71,7 @@ def test_check_prints_the_demo_plan_and_starts_binds_and_writes_nothing(tmp_path
     assert worker["unset"] == ["DYN_*", "ETCD_*", "NATS_*"]
     assert worker["ports"] == [29410, 29413]  # /health, the request plane
     assert worker["gpus"] == 0
-    assert worker["ready"]["target"] == "http://127.0.0.1:29408/health"
+    assert worker["ready"]["target"] == "http://127.0.0.1:29410/health"
     assert (worker["rank"], worker["ranks"]) == (0, 1)
     frontend = processes["frontend"]
     assert frontend["ports"] == [8000]
