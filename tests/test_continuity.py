@@ -1,0 +1,154 @@
+"""Continuity: what the users of the endpoint see when a worker hangs or is stopped.
+
+The demo stack (Dynamo frontend, two mocker workers, file discovery) run by a
+real dynsupd, as in test_demo_stack. A hung worker (SIGSTOP) must be found by
+its liveness probe, withdrawn from discovery before it is killed, and
+replaced; a worker stopped by hand must first be withdrawn and let the
+requests it serves finish. Waits are on the daemon's events and bounded by
+generous deadlines; nothing asserts how fast, only the order and the outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dynsup.dynamo.drain import in_flight
+from dynsup.probes import http_get
+
+from .test_demo_stack import (
+    HEAL_TIMEOUT,
+    MODEL,
+    Stack,
+    chat_ok,
+    client,
+    first_index,
+    make_stack,
+    running_stack,
+    status,
+    until_serving,
+    wait_back,
+)
+
+pytestmark = pytest.mark.dynamo
+
+
+def test_a_hung_worker_is_withdrawn_killed_and_replaced(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    with running_stack(tmp_path, stack) as (daemon, units):
+        api = client(stack, timeout=20)
+        assert chat_ok(api)
+        victim, other = stack.workers
+        old_pid = units[victim]["pid"]
+        since = len(daemon.events())
+        os.killpg(old_pid, signal.SIGSTOP)  # an NCCL deadlock, a wedged runtime
+        new_pid = wait_back(daemon, victim, old_pid, since)
+
+        events = daemon.events()[since:]
+        not_live = first_index(events, event="unit.not_live", unit=victim)
+        withdrawn = first_index(events, event="dynamo.withdrawn", unit=victim)
+        stopping = first_index(events, event="unit.state", unit=victim, new="STOPPING")
+        assert not_live < withdrawn < stopping, events
+        assert events[stopping]["reason"].startswith("liveness: http "), events[stopping]
+        assert "terminated by SIGKILL" in events[stopping]["reason"]
+        assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == "zombie"
+        after = status(daemon)
+        assert after[victim]["pid"] == new_pid and after[victim]["restarts"] >= 1
+        # Nothing else was touched, and the endpoint serves on both replicas again.
+        assert after[other]["pid"] == units[other]["pid"]
+        assert after["frontend"]["pid"] == units["frontend"]["pid"]
+        until_serving(api, time.monotonic() + HEAL_TIMEOUT)
+
+
+def test_a_busy_worker_is_not_found_dead(tmp_path: Path) -> None:
+    """Liveness is the runtime's /live, not the engine's work: a worker serving a
+    stream of requests for longer than failures x (interval + timeout) stays."""
+    stack = make_stack(tmp_path)
+    with running_stack(tmp_path, stack) as (daemon, units):
+        api = client(stack, timeout=20)
+        deadline = time.monotonic() + 12  # > 3 x (1 s + 2 s) of the mocker's default
+        outcomes = []
+        while time.monotonic() < deadline:
+            outcomes.append(chat_ok(api))
+        assert all(outcomes) and len(outcomes) > 10
+        assert not [e for e in daemon.events() if e.get("event") == "unit.not_live"]
+        assert {n: u["pid"] for n, u in status(daemon).items()} == {
+            n: u["pid"] for n, u in units.items()
+        }
+
+
+def slow_stack(tmp_path: Path) -> Stack:
+    """The demo with a mocker slow enough for a stream of a few seconds."""
+    stack = make_stack(tmp_path)
+    path = stack.units / "tiny.toml"
+    path.write_text(path.read_text().replace("speedup_ratio = 0", "speedup_ratio = 0.2"))
+    return stack
+
+
+def metrics(port: int) -> int:
+    import anyio
+
+    async def read() -> int:
+        _, body = await http_get(f"http://127.0.0.1:{port}/metrics")
+        return in_flight(body)
+
+    return anyio.run(read)
+
+
+def system_port(daemon, name: str) -> int:  # type: ignore[no-untyped-def]
+    env = psutil.Process(status(daemon)[name]["pid"]).environ()
+    return int(env["DYN_SYSTEM_PORT"])
+
+
+def test_a_stopped_worker_finishes_its_stream_first(tmp_path: Path) -> None:
+    stack = slow_stack(tmp_path)
+    with running_stack(tmp_path, stack) as (daemon, _units):
+        api = client(stack, timeout=120)
+        result: dict[str, object] = {}
+        started = threading.Event()
+
+        def stream() -> None:
+            try:
+                chunks = api.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "tell me a long story"}],
+                    max_tokens=120,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+                for chunk in chunks:
+                    started.set()
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        result["finish"] = chunk.choices[0].finish_reason
+                    if chunk.usage is not None:
+                        result["tokens"] = chunk.usage.completion_tokens
+            except Exception as exc:  # the stream broke: what the test must not see
+                result["error"] = repr(exc)
+            finally:
+                started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(HEAL_TIMEOUT)
+        # The worker that serves it: its own in-flight gauge says so.
+        ports = {name: system_port(daemon, name) for name in stack.workers}
+        serving = [name for name, port in ports.items() if metrics(port) > 0]
+        assert len(serving) == 1, serving
+        since = len(daemon.events())
+        done = daemon.ctl("stop", serving[0], timeout=HEAL_TIMEOUT)
+        assert done.returncode == 0, done.stdout + done.stderr
+        reader.join(HEAL_TIMEOUT)
+        assert result.get("finish") in ("length", "stop"), result
+        assert result.get("tokens") == 120, result
+
+        events = daemon.events()[since:]
+        withdrawn = first_index(events, event="dynamo.withdrawn", unit=serving[0])
+        drained = first_index(events, event="dynamo.drained", unit=serving[0])
+        stopped = first_index(events, event="unit.state", unit=serving[0], new="STOPPED")
+        assert withdrawn < drained < stopped, events
