@@ -517,7 +517,10 @@ class Engine:
         log.error("unit.not_live", reason=liveness.failed)
         with anyio.CancelScope(shield=True):
             await self._hook(self._withdraw_hook, unit.spec, AFTER_EXIT_TIMEOUT)
-            await self._agent_of(unit).stop(unit.spec.name, "SIGKILL", unit.spec.stop_timeout)
+            try:
+                await self._agent_of(unit).stop(unit.spec.name, "SIGKILL", unit.spec.stop_timeout)
+            except AgentError as exc:  # the leader's watch reports what became of it
+                log.error("unit.stop_failed", error=str(exc))
 
     async def _watch_leader(self, unit: _Unit, box: _ExitBox) -> None:
         try:
