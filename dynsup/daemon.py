@@ -42,6 +42,7 @@ from .control.paths import socket_path
 from .control.protocol import CommandError
 from .control.server import AccessPolicy, AlreadyRunning, ControlServer
 from .dynamo import StackContext, expand_stack
+from .dynamo.admission import admitted
 from .dynamo.drain import drain
 from .dynamo.withdraw import withdraw_dead, withdraw_leftovers, withdraw_unit
 from .engine import Engine, OutputHub, State, UnitStatus
@@ -349,6 +350,7 @@ class Daemon:
                 gpus_freed=GpusFreedCheck(),
                 withdraw=withdraw_unit,
                 drain=drain,
+                admitted=admitted,
             ) as engine,
             anyio.create_task_group() as tg,
         ):

@@ -152,3 +152,89 @@ def test_a_stopped_worker_finishes_its_stream_first(tmp_path: Path) -> None:
         drained = first_index(events, event="dynamo.drained", unit=serving[0])
         stopped = first_index(events, event="unit.state", unit=serving[0], new="STOPPED")
         assert withdrawn < drained < stopped, events
+
+
+def replay_states(events: list[dict], names: list[str], start: dict[str, str]) -> list[dict]:
+    """The states of ``names`` after each of their state events, from ``start``."""
+    states = dict(start)
+    seen = []
+    for event in events:
+        if event.get("event") == "unit.state" and event.get("unit") in names:
+            states[event["unit"]] = event["new"]
+            seen.append(dict(states))
+    return seen
+
+
+def test_update_replaces_a_models_replicas_one_at_a_time(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    with running_stack(tmp_path, stack) as (daemon, units):
+        api = client(stack, timeout=20)
+        path = stack.units / "tiny.toml"
+        path.write_text(
+            path.read_text().replace("speedup_ratio = 0", "speedup_ratio = 0, block_size = 32")
+        )
+        since = len(daemon.events())
+        outcomes: list[bool] = []
+        done = threading.Event()
+
+        def load() -> None:
+            while not done.is_set():
+                outcomes.append(chat_ok(api))
+                done.wait(0.05)
+
+        sender = threading.Thread(target=load)
+        sender.start()
+        try:
+            update = daemon.ctl("update", timeout=HEAL_TIMEOUT)
+        finally:
+            done.set()
+            sender.join(60)
+        assert update.returncode == 0, update.stdout + update.stderr
+        # update returned once every new replica is RUNNING, under a new pid.
+        after = status(daemon)
+        for name in stack.workers:
+            assert after[name]["state"] == "RUNNING", after[name]
+            assert after[name]["pid"] != units[name]["pid"]
+            assert "--block-size" in psutil.Process(after[name]["pid"]).cmdline()
+        assert after["frontend"]["pid"] == units["frontend"]["pid"]
+        # At every moment of the update, one replica at least was RUNNING...
+        events = daemon.events()[since:]
+        moments = replay_states(events, stack.workers, dict.fromkeys(stack.workers, "RUNNING"))
+        assert len(moments) >= 2 * len(stack.workers), moments
+        assert all("RUNNING" in m.values() for m in moments), moments
+        # ...and no request failed.
+        assert outcomes and all(outcomes), outcomes
+
+
+def test_adding_and_removing_a_model_leaves_the_frontend_and_other_models_alone(
+    tmp_path: Path,
+) -> None:
+    stack = make_stack(tmp_path)
+    with running_stack(tmp_path, stack) as (daemon, units):
+        path = stack.units / "other.toml"
+        path.write_text(
+            (stack.units / "tiny.toml")
+            .read_text()
+            .replace('name = "tiny"', 'name = "other"')
+            .replace("replicas = 2", "replicas = 1")
+        )
+        added = daemon.ctl("update", timeout=HEAL_TIMEOUT)
+        assert added.returncode == 0, added.stdout + added.stderr
+        daemon.wait_state("other-0", "RUNNING", timeout=HEAL_TIMEOUT)
+        api = client(stack, timeout=20)
+
+        def other_served() -> bool:
+            return "other" in {m.id for m in api.models.list().data}
+
+        deadline = time.monotonic() + HEAL_TIMEOUT
+        while not other_served():
+            assert time.monotonic() < deadline
+            threading.Event().wait(0.1)  # the frontend learns of it from discovery
+        path.unlink()
+        removed = daemon.ctl("update", timeout=HEAL_TIMEOUT)
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        after = status(daemon)
+        assert "other-0" not in after
+        for name in ("frontend", *stack.workers):
+            assert after[name]["pid"] == units[name]["pid"], name
+        assert chat_ok(api)

@@ -170,9 +170,10 @@ class _Builder:
         return str(Path(self.ctx.state_dir) / "dynamo-discovery" / self.stack.namespace)
 
     def registry(self, own: tuple[str, ...] = ()) -> Registry:
+        router = f"http://{self.host}:{self.stack.frontend_port}/health"
         if self.use_etcd:
-            return Registry("etcd", self.etcd_url().split(",")[0], own)
-        return Registry("file", self.discovery_dir(), own)
+            return Registry("etcd", self.etcd_url().split(",")[0], own, router)
+        return Registry("file", self.discovery_dir(), own, router)
 
     def dynamo_env(self) -> dict[str, str]:
         env = {
@@ -496,6 +497,7 @@ class _Builder:
             ports=tuple(bound),
             secondary_args=("--headless",) if ranks > 1 else (),
             registry=self.registry(own=(f"{self.host}:{ports.rpc}",)),
+            group=model.name,
             source=model.source,
         )
         return [spec]

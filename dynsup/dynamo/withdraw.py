@@ -121,7 +121,8 @@ async def refused_among(addresses: Iterable[Address]) -> set[Address]:
     return refused
 
 
-def _address(text: str) -> Address:
+def own_address(text: str) -> Address:
+    """An address written "host:port" (a unit's own, from its spec)."""
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
 
@@ -230,7 +231,7 @@ async def withdraw_dead_records(registry: Registry, own: Iterable[str] = ()) -> 
     else:
         records = await anyio.to_thread.run_sync(etcd_records, registry.location)
     refused = await refused_among(r.address for r in records if r.address is not None)
-    dead = dead_records(records, refused | {_address(text) for text in own})
+    dead = dead_records(records, refused | {own_address(text) for text in own})
     if not dead:
         return []
     if registry.backend == "file":

@@ -42,7 +42,7 @@ from .output import LineSubscription, OutputHub
 from .placement import Placement, PlacementFailed, Placer, SingleAgent
 from .policy import Done, GiveUp, History, decide
 from .reload import ReloadPlan, diff_specs, fingerprint
-from .states import State, check_transition
+from .states import UP_OR_GAVE_UP, State, check_transition
 
 log = structlog.get_logger("dynsup.engine")
 
@@ -50,6 +50,8 @@ log = structlog.get_logger("dynsup.engine")
 AFTER_EXIT_TIMEOUT = 3.0
 # A drain lets in-flight work finish; Dynamo's own drain step is bounded the same.
 DRAIN_TIMEOUT = 30.0
+# A replaced unit of a rolling update is RUNNING; the router learns of it a moment later.
+ADMIT_TIMEOUT = 30.0
 # A hook gets the unit's spec: clean-up only the stack knows (Dynamo's discovery).
 Hook = Callable[[ServiceSpec], Awaitable[None]]
 AfterExit = Hook
@@ -139,6 +141,7 @@ class Engine:
         gpus_freed: GpusFreed | None = None,
         withdraw: Hook | None = None,
         drain: Hook | None = None,
+        admitted: Hook | None = None,
     ) -> None:
         """``after_exit`` runs once a unit's leader is gone by itself or by a stop
         (not a detach), before any restart: clean-up only the supervisor can do
@@ -148,7 +151,8 @@ class Engine:
         ``withdraw`` runs before a unit that failed its liveness probe is killed
         (it is hung: it cannot withdraw itself). ``drain`` runs before a requested
         stop of a live unit (withdraw, then let in-flight work finish), bounded
-        by DRAIN_TIMEOUT."""
+        by DRAIN_TIMEOUT. ``admitted`` returns once a unit takes traffic (its router
+        knows it): a rolling update waits for it before the next replica."""
         if placer is None:
             if agent is None:
                 raise TypeError("an Engine needs an agent or a placer")
@@ -158,6 +162,7 @@ class Engine:
         self._gpus_freed_hook = gpus_freed
         self._withdraw_hook = withdraw
         self._drain_hook = drain
+        self._admitted_hook = admitted
         self._output = output or OutputHub()
         self._units: dict[str, _Unit] = {}
         self._tg: TaskGroup | None = None
@@ -282,27 +287,73 @@ class Engine:
         """Stop removed and changed units, then start added and changed ones.
 
         Unchanged units are not touched, not even their dependents' pids.
-        The caller applies one change at a time (the control's write lock).
+        Changed units of a group (a model's replicas) that are RUNNING are
+        replaced one at a time (`_roll`), so the group keeps serving; apply
+        returns once they are RUNNING again. The caller applies one change at
+        a time (the control's write lock).
         """
         plan = self.plan(new_specs)
         was_wanted = {name for name, unit in self._units.items() if unit.wanted}
-        await self._stop_many(set(plan.removed) | set(plan.changed))
+        rolling = {
+            name
+            for name in plan.changed
+            if new_specs[name].group and self._units[name].state is State.RUNNING
+        }
+        await self._stop_many(set(plan.removed) | (set(plan.changed) - rolling))
         for name in plan.removed:
             del self._units[name]
-        for name in plan.changed:
-            self._units[name].spec = new_specs[name]
         for name in plan.added:
             self._units[name] = _Unit(new_specs[name])
         for name, unit in self._units.items():
-            # Equal but for how it is watched (its probes): the new watch from the next start.
-            unit.spec = new_specs[name]
-        for name in sorted(plan.changed):
+            # Changed, or equal but for how it is watched (its probes: the new
+            # watch from the next start). A rolling unit's spec changes at its turn.
+            if name not in rolling:
+                unit.spec = new_specs[name]
+        for name in sorted(set(plan.changed) - rolling):
             if name in was_wanted:
                 self.start_nowait(name)
         for name in sorted(plan.added):
             if new_specs[name].autostart:
                 self.start_nowait(name)
+        await self._roll(rolling, new_specs)
         return plan
+
+    async def _roll(self, names: set[str], new_specs: Mapping[str, ServiceSpec]) -> None:
+        """Replace each group's units one after another (groups side by side): drain
+        one, start its new spec, wait until it is RUNNING and admitted (taking
+        traffic), then the next. A replacement that fails to come up halts its
+        group: the units not yet replaced keep serving with their old spec (the
+        next `update` finds them changed still)."""
+        groups: dict[str, list[str]] = {}
+        for name in sorted(names):
+            groups.setdefault(new_specs[name].group, []).append(name)
+
+        async def roll_group(members: list[str]) -> None:
+            for name in members:
+                if not await self._replace(name, new_specs[name]):
+                    log.error(
+                        "unit.rolling_halted", unit=name, left=members[members.index(name) + 1 :]
+                    )
+                    return
+
+        async with anyio.create_task_group() as tg:
+            for members in groups.values():
+                tg.start_soon(roll_group, members)
+
+    async def _replace(self, name: str, spec: ServiceSpec) -> bool:
+        await self._stop_many({name})
+        unit = self._units[name]
+        unit.spec = spec
+        self.start_nowait(name)
+        # BACKOFF: the new spec failed once; the policy goes on, the rollout does not.
+        settled = await self.wait_state(
+            name, lambda s: s.state in UP_OR_GAVE_UP or s.state is State.BACKOFF
+        )
+        if settled.state is not State.RUNNING:
+            return False
+        await self._hook(self._admitted_hook, spec, ADMIT_TIMEOUT)
+        log.info("unit.replaced", unit=name)
+        return True
 
     # -- the lifecycle ---------------------------------------------------------
 

@@ -65,6 +65,9 @@ class Registry:
     # The addresses ("host:port") the unit advertises: its records, found while it
     # still runs (a hung process must be withdrawn before it is killed).
     own: tuple[str, ...] = ()
+    # The health URL of the router that reads the store (Dynamo's frontend
+    # /health lists the instances it routes to): "taking traffic" is seen there.
+    router: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,9 @@ class ServiceSpec:
     # A unit spread over several nodes runs one rank per node: ranks > 0 get
     # these arguments too (vLLM's --headless).
     secondary_args: tuple[str, ...] = ()
+    # Units of one group (a model's replicas) are replaced one at a time by
+    # `update`, each RUNNING and taking traffic before the next is stopped.
+    group: str = field(default="", compare=False)
     # Where the program registers for discovery. Derived from the same stack
     # settings as its environment, so it adds nothing to the unit's identity.
     registry: Registry | None = field(default=None, compare=False)
