@@ -83,11 +83,14 @@ def test_a_busy_worker_is_not_found_dead(tmp_path: Path) -> None:
         }
 
 
+STREAM_TOKENS = 300  # about 15 s at speedup 0.1: longer than the stop takes
+
+
 def slow_stack(tmp_path: Path) -> Stack:
     """The demo with a mocker slow enough for a stream of a few seconds."""
     stack = make_stack(tmp_path)
     path = stack.units / "tiny.toml"
-    path.write_text(path.read_text().replace("speedup_ratio = 0", "speedup_ratio = 0.2"))
+    path.write_text(path.read_text().replace("speedup_ratio = 0", "speedup_ratio = 0.1"))
     return stack
 
 
@@ -118,7 +121,7 @@ def test_a_stopped_worker_finishes_its_stream_first(tmp_path: Path) -> None:
                 chunks = api.chat.completions.create(
                     model=MODEL,
                     messages=[{"role": "user", "content": "tell me a long story"}],
-                    max_tokens=120,
+                    max_tokens=STREAM_TOKENS,
                     stream=True,
                     stream_options={"include_usage": True},
                 )
@@ -145,7 +148,7 @@ def test_a_stopped_worker_finishes_its_stream_first(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
         reader.join(HEAL_TIMEOUT)
         assert result.get("finish") in ("length", "stop"), result
-        assert result.get("tokens") == 120, result
+        assert result.get("tokens") == STREAM_TOKENS, result
 
         events = daemon.events()[since:]
         withdrawn = first_index(events, event="dynamo.withdrawn", unit=serving[0])
