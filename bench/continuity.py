@@ -181,11 +181,36 @@ def main() -> int:
                 ctl(daemon, "scale", "tiny", "1")
                 ctl(daemon, "scale", "tiny", "2")
 
+            model_file = stack.units / "tiny.toml"
+            other_file = stack.units / "other.toml"
+
+            def update_args() -> None:
+                text = model_file.read_text()
+                changed = text.replace("speedup_ratio = 0 ", "speedup_ratio = 0, block_size = 32 ")
+                model_file.write_text(changed)
+                ctl(daemon, "update")
+
+            def add_model() -> None:
+                other_file.write_text(
+                    model_file.read_text()
+                    .replace('name = "tiny"', 'name = "other"')
+                    .replace("replicas = 2", "replicas = 1")
+                )
+                ctl(daemon, "update")
+                daemon.wait_state("other-0", "RUNNING", timeout=240)
+
+            def remove_model() -> None:
+                other_file.unlink()
+                ctl(daemon, "update")
+
             rows = [
                 ("kill -9 worker", kill_worker, "kill"),
                 ("SIGSTOP worker", hang_worker, "hang"),
-                ("restart worker", restart_worker, "restart"),
+                ("update engine_args", update_args, "update"),
                 ("scale 2→1→2", scale, "scale"),
+                ("add a model", add_model, "add"),
+                ("remove it", remove_model, "remove"),
+                ("restart worker", restart_worker, "restart"),
             ]
             table = []
             with Load(stack.base_url, args.rate) as load:
@@ -197,7 +222,10 @@ def main() -> int:
                         continue
                     start = time.monotonic()
                     print(f"{label} ...", flush=True)
+                    frontend = status(daemon)["frontend"]["pid"]
                     action()
+                    if status(daemon)["frontend"]["pid"] != frontend:
+                        label += " (frontend restarted)"
                     took = settle(daemon, load, names, start, 240)
                     failed, total, broken, streams = load.since(start)
                     table.append((label, failed, total, broken, streams, took))
