@@ -63,6 +63,7 @@ class Load:
         self.rate = rate
         self.results: list[tuple[float, bool]] = []  # (sent at, ok)
         self.streams: list[tuple[float, bool]] = []  # (ended at, ok)
+        self.errors: list[tuple[float, str]] = []  # (sent at, what failed)
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
 
@@ -75,8 +76,9 @@ class Load:
                 max_tokens=8,
             )
             ok = True
-        except Exception:
+        except Exception as exc:
             ok = False
+            self.errors.append((sent, f"{type(exc).__name__}: {str(exc)[:80]}"))
         self.results.append((sent, ok))
 
     def pace(self) -> None:
@@ -228,6 +230,9 @@ def main() -> int:
                         label += " (frontend restarted)"
                     took = settle(daemon, load, names, start, 240)
                     failed, total, broken, streams = load.since(start)
+                    for at, error in load.errors:
+                        if at >= start:
+                            print(f"  +{at - start:.2f} s: {error}")
                     table.append((label, failed, total, broken, streams, took))
             daemon.stop(timeout=120)
     print("\n| row | failed / total requests | broken / total streams | settled after |")
