@@ -454,6 +454,13 @@ class Commands:
                         new_specs.pop(name, None)
         return new_specs
 
+    async def heal(self, names: list[str], reason: str) -> None:
+        """Not a verb: the daemon's model canary restarts units, a write like the others."""
+        async with self._writing:
+            if self._shutting_down:
+                return
+            await self._engine.heal([n for n in names if n in self._engine.specs], reason)
+
     async def scale(self, args: dict[str, Any]) -> dict[str, Any]:
         """`scale MODEL[:ROLE] N`: add or remove replicas, touching no other unit."""
         target = args.get("name")

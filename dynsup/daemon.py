@@ -25,6 +25,7 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from .control.protocol import CommandError
 from .control.server import AccessPolicy, AlreadyRunning, ControlServer
 from .dynamo import StackContext, expand_stack
 from .dynamo.admission import admitted
+from .dynamo.canary import watch_models
 from .dynamo.drain import drain
 from .dynamo.withdraw import withdraw_dead, withdraw_leftovers, withdraw_unit
 from .engine import Engine, OutputHub, State, UnitStatus
@@ -263,6 +265,12 @@ async def keep_running(name: str, task: Callable[..., Awaitable[Any]], *args: An
         await anyio.sleep(_TASK_RESTART_DELAY)
 
 
+def all_running(engine: Engine, names: list[str]) -> bool:
+    """Every one of names that is loaded is RUNNING (the canary judges only then)."""
+    loaded = [name for name in names if name in engine.specs]
+    return all(s.state is State.RUNNING for s in engine.statistics(loaded))
+
+
 async def flush_journal_on_exit(engine: Engine, journal: UnitOutputForwarder) -> None:
     """A process's last line without a newline reaches journald when the process ends."""
     ended = {State.BACKOFF, State.EXITED, State.FATAL, State.STOPPED}
@@ -386,6 +394,14 @@ class Daemon:
             tg.start_soon(keep_running, "watchdog", notifier.run_watchdog)
             wanted = {n for n, spec in self.specs.items() if desired.wants(n, spec.autostart)}
             tg.start_soon(keep_running, "systemd", report_to_systemd, engine, notifier, wanted)
+            tg.start_soon(
+                keep_running,
+                "canary",
+                watch_models,
+                lambda: engine.specs,
+                partial(all_running, engine),
+                commands.heal,
+            )
             # Signals are caught before the first spawn: a SIGTERM from now on is
             # an orderly stop, never the default action that would orphan children.
             await tg.start(self._watch_signals, commands)

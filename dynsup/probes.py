@@ -99,16 +99,28 @@ async def _tcp_ok(target: str) -> bool:
 
 async def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """A minimal HTTP/1.1 GET (no TLS): probes must not pull in a client library."""
+    return await http_request(url, timeout=timeout)
+
+
+async def http_request(
+    url: str, *, json_body: object = None, timeout: float = 5.0
+) -> tuple[int, bytes]:
+    """A minimal HTTP/1.1 GET, or POST of ``json_body``; (status, body)."""
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     port = parts.port or 80
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    method, extra, payload = "GET", "", b""
+    if json_body is not None:
+        payload = json.dumps(json_body).encode()
+        method = "POST"
+        extra = f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
     request = (
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
-        "Accept: */*\r\nUser-Agent: dynsup-probe\r\n\r\n"
-    ).encode()
+        f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
+        f"Accept: */*\r\nUser-Agent: dynsup-probe\r\n{extra}\r\n"
+    ).encode() + payload
     with anyio.fail_after(timeout):
         stream = await anyio.connect_tcp(host, port)
         async with stream:

@@ -241,3 +241,28 @@ def test_adding_and_removing_a_model_leaves_the_frontend_and_other_models_alone(
         for name in ("frontend", *stack.workers):
             assert after[name]["pid"] == units[name]["pid"], name
         assert chat_ok(api)
+
+
+def test_a_model_the_frontend_does_not_serve_is_healed_by_the_canary(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    with running_stack(tmp_path, stack) as (daemon, units):
+        api = client(stack, timeout=20)
+        assert chat_ok(api)
+        since = len(daemon.events())
+        # The model's cards gone from discovery: every unit RUNNING, every /health
+        # 200, and the frontend no longer serves the model (404).
+        cards = tmp_path / "state" / "dynamo-discovery" / "demo" / "v1" / "mdc"
+        for card in cards.iterdir():
+            card.unlink()
+        unhealthy = daemon.wait_event(
+            lambda e: e.get("event") == "model.unhealthy" and e.get("model") == MODEL,
+            timeout=HEAL_TIMEOUT,
+        )
+        assert unhealthy["reason"].startswith(f"canary: {MODEL}: POST /v1/completions answered 404")
+        for name in stack.workers:
+            wait_back(daemon, name, units[name]["pid"], since)
+        until_serving(api, time.monotonic() + HEAL_TIMEOUT)
+        events = daemon.events()[since:]
+        pending = first_index(events, event="unit.state", unit=stack.workers[0], new="PENDING")
+        assert events[pending]["reason"] == unhealthy["reason"]
+        assert status(daemon)["frontend"]["pid"] == units["frontend"]["pid"]

@@ -39,7 +39,7 @@ async def admitted(spec: ServiceSpec) -> None:
     own = {own_address(text) for text in registry.own}
     while True:
         try:
-            status, body = await http_get(registry.router, timeout=2.0)
+            status, body = await http_get(f"{registry.router}/health", timeout=2.0)
         except (OSError, TimeoutError, ValueError):
             status, body = 0, b""
         if status == 200 and own & routed_addresses(body):

@@ -169,11 +169,12 @@ class _Builder:
     def discovery_dir(self) -> str:
         return str(Path(self.ctx.state_dir) / "dynamo-discovery" / self.stack.namespace)
 
-    def registry(self, own: tuple[str, ...] = ()) -> Registry:
-        router = f"http://{self.host}:{self.stack.frontend_port}/health"
+    def registry(self, **worker: Any) -> Registry:
+        """Where the stack's workers register; ``worker``: a worker's own fields."""
+        router = f"http://{self.host}:{self.stack.frontend_port}"
         if self.use_etcd:
-            return Registry("etcd", self.etcd_url().split(",")[0], own, router)
-        return Registry("file", self.discovery_dir(), own, router)
+            return Registry("etcd", self.etcd_url().split(",")[0], router=router, **worker)
+        return Registry("file", self.discovery_dir(), router=router, **worker)
 
     def dynamo_env(self) -> dict[str, str]:
         env = {
@@ -496,7 +497,12 @@ class _Builder:
             unset_env=UNSET,
             ports=tuple(bound),
             secondary_args=("--headless",) if ranks > 1 else (),
-            registry=self.registry(own=(f"{self.host}:{ports.rpc}",)),
+            registry=self.registry(
+                own=(f"{self.host}:{ports.rpc}",),
+                serves=model.model,
+                role=role,
+                canary=model.canary,
+            ),
             group=model.name,
             source=model.source,
         )

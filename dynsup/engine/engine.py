@@ -340,6 +340,18 @@ class Engine:
             for members in groups.values():
                 tg.start_soon(roll_group, members)
 
+    async def heal(self, names: list[str], reason: str) -> None:
+        """Restart names (drained, as any stop) with reason, and wait until each is
+        RUNNING or has failed again: something outside the units saw them broken."""
+        log.warning("unit.healing", units=names, reason=reason)
+        await self._stop_many(set(names))
+        for name in names:
+            self._launch(self._get(name), reason=reason)
+        for name in names:
+            await self.wait_state(
+                name, lambda s: s.state in UP_OR_GAVE_UP or s.state is State.BACKOFF
+            )
+
     async def _replace(self, name: str, spec: ServiceSpec) -> bool:
         await self._stop_many({name})
         unit = self._units[name]
@@ -357,7 +369,12 @@ class Engine:
 
     # -- the lifecycle ---------------------------------------------------------
 
-    def _launch(self, unit: _Unit, adopted: tuple[Placement, Spawned] | None = None) -> None:
+    def _launch(
+        self,
+        unit: _Unit,
+        adopted: tuple[Placement, Spawned] | None = None,
+        reason: str = "start requested",
+    ) -> None:
         if unit.active:
             return
         assert self._tg is not None, "engine used outside its context"
@@ -368,7 +385,7 @@ class Engine:
             self._set_state(unit, State.FATAL, reason=f"cannot start: {unit.reason}")
             return
         # PENDING at once, so a caller that waits for the start never sees the old state.
-        self._set_state(unit, State.PENDING, reason="start requested")
+        self._set_state(unit, State.PENDING, reason=reason)
         unit.failure = None
         unit.scope = anyio.CancelScope()
         unit.finished = anyio.Event()

@@ -41,6 +41,7 @@ from .errors import (
     Invalid,
     Problems,
     Table,
+    as_bool,
     as_nonempty_str,
     as_str,
     as_table,
@@ -88,6 +89,7 @@ MODEL_KEYS = (
     "gpus",
     "prefill",
     "decode",
+    "canary",
 )
 ROLE_KEYS = ("replicas", "engine_args")
 
@@ -150,6 +152,9 @@ class ModelSpec:
     description: str = ""
     requires: tuple[str, ...] = ()
     autostart: bool = True
+    # A periodic 1-token request through the frontend heals a model that its
+    # RUNNING workers do not serve (dynamo/canary.py); false opts out.
+    canary: bool = True
     source: str = field(default="", compare=False)
 
 
@@ -231,6 +236,7 @@ def parse_model(
         gpus=table.get("gpus", int_at_least(0), None),
         prefill=roles["prefill"],
         decode=roles["decode"],
+        canary=table.get("canary", as_bool, True),
     )
 
 
