@@ -112,6 +112,7 @@ def _local_backend(agent: LocalAgent) -> Backend:
 async def open_ray_backend(
     config: RayConfig, state_dir: Path, instance: str
 ) -> AsyncIterator[Backend]:
+    from .placement.gcs import RayUnavailable
     from .placement.layout import PlacementError
     from .placement.runtime import open_ray_runtime
 
@@ -129,6 +130,8 @@ async def open_ray_backend(
         async def check(specs: Mapping[str, ServiceSpec], leaving: Iterable[str] = ()) -> None:
             try:
                 await runtime.placer.check_fits(specs.values(), besides=leaving)
+            except RayUnavailable as exc:  # not an over-commit: each placement says why
+                log.warning("gpu.check_failed", error=str(exc))
             except PlacementError as exc:
                 raise OverCommitted(str(exc)) from exc
             except Exception as exc:  # Ray unreachable: the placement will say why

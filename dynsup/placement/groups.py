@@ -6,8 +6,9 @@ finds them with ``find`` and its workers keep their GPUs. Names are looked
 up per Ray namespace; ``placement_group_table`` lists every namespace's
 groups, so ``list_groups`` filters on the instance's name prefix.
 
-Every call that talks to the GCS blocks, so it runs in a worker thread;
-an ObjectRef is awaited directly on asyncio (cancellable, no thread) and
+Every call that talks to the GCS blocks, so it runs in a worker thread,
+with a deadline (``gcs.gcs_call``: `RayUnavailable` once it passes); an
+ObjectRef is awaited directly on asyncio (cancellable, no thread) and
 through ``ray.get`` in a thread on other backends.
 """
 
@@ -15,16 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.to_thread
 
+from .gcs import gcs_call
 from .layout import Layout, PlacementError, Strategy, group_prefix
-
-T = TypeVar("T")
 
 
 class ReservationTimeout(PlacementError):
@@ -83,10 +83,13 @@ async def reserve(name: str, layout: Layout, timeout: float) -> Reservation:
     when the name is taken. On any failure or cancellation the group is
     removed again: a reservation is never left pending to grab GPUs later.
     """
-    # Shielded and not abandoned: a group created after its caller was
-    # cancelled would be nobody's, pending forever.
+    # Shielded: a group created after its caller was cancelled would be
+    # nobody's, pending forever. Bounded all the same (a dead GCS): the
+    # caller then removes the name, should the GCS make it later.
     with anyio.CancelScope(shield=True):
-        reservation = await anyio.to_thread.run_sync(functools.partial(_create, name, layout))
+        reservation = await gcs_call(
+            functools.partial(_create, name, layout), f"creating placement group {name!r}"
+        )
     try:
         await wait_ready(reservation, timeout)
     except BaseException:
@@ -103,7 +106,7 @@ async def wait_ready(reservation: Reservation, timeout: float) -> None:
     try:
         await _resolve_all([reservation.group.ready()], timeout)
     except TimeoutError:
-        free = await _run(_free_gpus)
+        free = await gcs_call(_free_gpus, "reading free GPUs")
         raise ReservationTimeout(
             f"placement group {reservation.name!r} ({_describe(reservation.layout)}) was not "
             f"placed within {timeout:g} s; free now: {free}"
@@ -125,7 +128,7 @@ async def gpu_ids(reservation: Reservation, timeout: float = 60.0) -> list[Bundl
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     # A probe sent to a removed group stays pending instead of failing.
-    if await _run(functools.partial(_is_removed, reservation)):
+    if await gcs_call(functools.partial(_is_removed, reservation), _state_of(reservation)):
         raise GroupLost(f"placement group {reservation.name!r} was removed")
     probe = _probe_task()
     refs = [
@@ -151,8 +154,8 @@ async def gpu_ids(reservation: Reservation, timeout: float = 60.0) -> list[Bundl
         )
         if isinstance(exc, removed_errors):
             raise lost from None
-        if isinstance(exc, TimeoutError) and await _run(
-            functools.partial(_is_removed, reservation)
+        if isinstance(exc, TimeoutError) and await gcs_call(
+            functools.partial(_is_removed, reservation), _state_of(reservation)
         ):
             raise lost from None
         raise
@@ -164,19 +167,25 @@ async def gpu_ids(reservation: Reservation, timeout: float = 60.0) -> list[Bundl
 
 async def find(name: str) -> Reservation | None:
     """The group ``name`` of this namespace, or None (never made, or removed)."""
-    return await _run(functools.partial(_find, name))
+    return await gcs_call(functools.partial(_find, name), f"looking up placement group {name!r}")
 
 
 async def release(reservation: Reservation) -> None:
     """Remove the group; its GPUs are free again. Removing twice is harmless."""
     from ray.util.placement_group import remove_placement_group
 
-    await _run(functools.partial(remove_placement_group, reservation.group))
+    await gcs_call(
+        functools.partial(remove_placement_group, reservation.group),
+        f"removing placement group {reservation.name!r}",
+    )
 
 
 async def list_groups(instance: str, *, include_removed: bool = False) -> list[GroupInfo]:
     """The groups named for ``instance`` (see ``layout.group_name``), by name."""
-    return await _run(functools.partial(_list_groups, group_prefix(instance), include_removed))
+    return await gcs_call(
+        functools.partial(_list_groups, group_prefix(instance), include_removed),
+        "listing placement groups",
+    )
 
 
 def _create(name: str, layout: Layout) -> Reservation:
@@ -278,10 +287,8 @@ def _probe_task() -> Any:
     return ray.remote(probe_bundle)
 
 
-async def _run(call: Callable[[], T]) -> T:
-    # abandon_on_cancel: a GCS call cannot be interrupted; a cancelled
-    # caller should not wait for it.
-    return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+def _state_of(reservation: Reservation) -> str:
+    return f"reading the state of placement group {reservation.name!r}"
 
 
 async def _resolve_all(refs: list[Any], timeout: float) -> list[Any]:
@@ -292,8 +299,10 @@ async def _resolve_all(refs: list[Any], timeout: float) -> list[Any]:
             return [await ref for ref in awaitables]
     import ray
 
-    # ray.get raises GetTimeoutError, a TimeoutError.
-    return await _run(functools.partial(ray.get, refs, timeout=timeout))
+    # ray.get raises GetTimeoutError, a TimeoutError: bounded by itself.
+    return await anyio.to_thread.run_sync(
+        functools.partial(ray.get, refs, timeout=timeout), abandon_on_cancel=True
+    )
 
 
 def _on_asyncio() -> bool:

@@ -32,6 +32,7 @@ from ..agent_api import Agent
 from ..engine.placement import Placement, PlacementFailed
 from ..units.spec import ServiceSpec
 from .gang import GangAgent, Rank
+from .gcs import RayUnavailable, gcs_call
 from .groups import (
     BundleGpus,
     GroupExists,
@@ -87,6 +88,9 @@ class RayPlacer:
         self._placements: dict[str, Placement] = {}
         self._nodes: list[NodeInfo] = []
         self._reserving: dict[str, int] = {}  # unit -> GPUs, while its group is being made
+        # Units whose group could not be removed (Ray unavailable): removed
+        # once the GCS answers again, unless the unit is placed again first.
+        self._orphans: set[str] = set()
 
     # -- the Placer contract ---------------------------------------------------
 
@@ -117,16 +121,24 @@ class RayPlacer:
                 reservation = await find(group_name(self.instance, spec.name, 0))
             if reservation is not None:
                 await release(reservation)
+        except RayUnavailable as exc:
+            self._orphans.add(spec.name)
+            raise PlacementFailed(
+                f"{spec.name}: {exc}; its GPUs are freed once Ray is back"
+            ) from exc
         except PlacementError as exc:
             raise PlacementFailed(f"{spec.name}: {exc}") from exc
         except _ray_errors() as exc:
+            self._orphans.add(spec.name)
             raise PlacementFailed(f"{spec.name}: Ray: {_first_line(exc)}") from exc
 
     # -- checks and queries ---------------------------------------------------
 
     async def refresh_nodes(self) -> list[NodeInfo]:
         """The cluster's nodes now (one GCS call); also what ``gpu_table`` shows."""
-        self._nodes = await anyio.to_thread.run_sync(self.handle.nodes, abandon_on_cancel=True)
+        self._nodes = await gcs_call(self.handle.nodes, "reading the cluster's nodes")
+        # The GCS answers: a good moment to remove what it could not remove before.
+        await self._remove_orphans()
         return self._nodes
 
     async def check_fits(
@@ -215,6 +227,7 @@ class RayPlacer:
     async def _reserve(self, spec: ServiceSpec) -> Held:
         name = group_name(self.instance, spec.name, 0)
         reservation: Reservation | None = None
+        self._orphans.discard(spec.name)  # its group, if any, is found and reused below
         try:
             nodes = _gpu_nodes(await self.refresh_nodes())
             layout = plan_layout(spec.gpus, nodes)
@@ -243,7 +256,8 @@ class RayPlacer:
             # whenever they free up; placed, it would keep them from everyone.
             # Cancellation (the unit stopped while being placed) included.
             with anyio.CancelScope(shield=True):
-                await self._remove_group(name, reservation)
+                if not await self._remove_group(name, reservation):
+                    self._orphans.add(spec.name)
             raise
         finally:
             self._reserving.pop(spec.name, None)
@@ -261,7 +275,8 @@ class RayPlacer:
         ]
         return asks
 
-    async def _remove_group(self, name: str, reservation: Reservation | None) -> None:
+    async def _remove_group(self, name: str, reservation: Reservation | None) -> bool:
+        """Whether the group is gone now; a failure is logged, never raised."""
         # Bounded: with the GCS gone this would block for as long as Ray retries.
         with anyio.move_on_after(_CLEANUP_TIMEOUT):
             try:
@@ -269,8 +284,18 @@ class RayPlacer:
                     reservation = await find(name)
                 if reservation is not None:
                     await release(reservation)
+                return True
             except (PlacementError, *_ray_errors()) as exc:
                 log.warning("placement.remove_failed", group=name, error=_first_line(exc))
+        return False
+
+    async def _remove_orphans(self) -> None:
+        for unit in sorted(self._orphans):
+            if unit in self._held or unit in self._reserving:
+                self._orphans.discard(unit)  # placed again: the group is its own now
+            elif await self._remove_group(group_name(self.instance, unit, 0), None):
+                self._orphans.discard(unit)
+                log.info("placement.orphan_removed", unit=unit)
 
     def _remember(self, held: Held) -> Placement:
         self._held[held.unit] = held

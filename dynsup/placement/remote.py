@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -44,11 +43,11 @@ from ..agent_api import (
     SpawnRequest,
 )
 from .actor import ACTOR_PREFIX, MAX_CONCURRENCY, actor_class, actor_name
-
-T = TypeVar("T")
+from .gcs import RayUnavailable, gcs_call
 
 _GEN_SHIFT = 40  # cursor = generation << 40 | the actor's own cursor
 _UNAVAILABLE_RETRIES = 3  # ActorUnavailableError is transient by Ray's definition
+_START_TIMEOUT = 120.0  # a new actor: a worker process to start on a loaded node
 
 
 class AgentLost(AgentError):
@@ -82,11 +81,22 @@ class RemoteAgent:
         """The node's live actor, made when there is none (idempotent, race-free)."""
         async with self._lock:
             if self._handle is None:
-                handle = await _in_thread(
-                    functools.partial(_get_or_create, self.node_id, self.namespace)
-                )
                 try:
-                    await _resolve(handle.info.remote())  # constructed and serving
+                    handle = await gcs_call(
+                        functools.partial(_get_or_create, self.node_id, self.namespace),
+                        f"making the agent of node {self.node_id}",
+                    )
+                except RayUnavailable as exc:
+                    raise AgentLost(str(exc)) from None
+                try:
+                    # Constructed and serving; bounded, as its creation needs the GCS.
+                    with anyio.fail_after(_START_TIMEOUT):
+                        await _resolve(handle.info.remote())
+                except TimeoutError:
+                    raise AgentLost(
+                        f"Ray unavailable: no agent started on node {self.node_id} "
+                        f"within {_START_TIMEOUT:g} s"
+                    ) from None
                 except _lost_errors() as exc:
                     raise AgentLost(
                         f"no agent could start on node {self.node_id}: {_first_line(exc)}"
@@ -98,9 +108,13 @@ class RemoteAgent:
         """The node's live actor if there is one; never makes one."""
         async with self._lock:
             if self._handle is None:
-                handle = await _in_thread(
-                    functools.partial(_get_actor, actor_name(self.node_id), self.namespace)
-                )
+                try:
+                    handle = await gcs_call(
+                        functools.partial(_get_actor, actor_name(self.node_id), self.namespace),
+                        f"looking up the agent of node {self.node_id}",
+                    )
+                except RayUnavailable as exc:
+                    raise AgentLost(str(exc)) from None
                 if handle is not None:
                     self._adopt(handle)
             return self._handle
@@ -129,7 +143,13 @@ class RemoteAgent:
             pass
         import ray
 
-        await _in_thread(functools.partial(ray.kill, handle, no_restart=True))
+        try:
+            await gcs_call(
+                functools.partial(ray.kill, handle, no_restart=True),
+                f"killing the agent of node {self.node_id}",
+            )
+        except RayUnavailable as exc:
+            raise AgentLost(str(exc)) from None
         self._forget(handle)
 
     # -- the Agent contract --------------------------------------------------
@@ -250,7 +270,9 @@ def get_or_create_agent(node_id: str, namespace: str) -> RemoteAgent:
 
 async def agents_of(namespace: str) -> list[RemoteAgent]:
     """The live agent actors of namespace, one per node, as found by name."""
-    found = await _in_thread(functools.partial(_agents_of, namespace))
+    found = await gcs_call(
+        functools.partial(_agents_of, namespace), f"listing the agents of {namespace!r}"
+    )
     # Made here, not in the thread: a RemoteAgent's events belong to the loop.
     return [
         RemoteAgent(node_id, namespace, handle)
@@ -325,13 +347,11 @@ async def _resolve(ref: Any) -> Any:
     except RuntimeError:
         import ray
 
-        return await _in_thread(functools.partial(ray.get, ref))
+        # An actor call (a long-poll, maybe): as long as it takes.
+        return await anyio.to_thread.run_sync(
+            functools.partial(ray.get, ref), abandon_on_cancel=True
+        )
     return await ref
-
-
-async def _in_thread(call: Callable[[], T]) -> T:
-    # A GCS call cannot be interrupted; a cancelled caller does not wait for it.
-    return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
 
 
 class AgentPool:
