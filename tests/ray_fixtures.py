@@ -35,7 +35,7 @@ import tempfile
 import textwrap
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,12 +116,19 @@ class LocalCluster:
     env: dict[str, str]  # what a driver needs on top of os.environ (auth token, address)
     temp_dir: str
     worker_resources: tuple[str, ...]  # a custom resource per worker node, to tell them apart
+    start_env: dict[str, str] = field(repr=False, default_factory=dict)  # what `ray start` had
 
 
 @pytest.fixture(scope="module")
 def ray_multinode() -> Iterator[LocalCluster]:
-    ray_cli = Path(sys.executable).with_name("ray")
-    if not ray_cli.exists():
+    with local_cluster() as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def local_cluster(ray_env: dict[str, str] | None = None) -> Iterator[LocalCluster]:
+    """``ray_multinode``'s cluster; ``ray_env`` adds Ray settings (``RAY_<name>``) to every node."""
+    if not RAY_CLI.exists():
         pytest.skip("the ray CLI is not installed next to this Python")
     # Short: Ray's Unix socket paths live under it and must stay < 108 bytes.
     temp_dir = tempfile.mkdtemp(prefix="dsr-", dir="/tmp")
@@ -132,13 +139,11 @@ def ray_multinode() -> Iterator[LocalCluster]:
     # both that and the user's token file.
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env = {k: v for k, v in os.environ.items() if k not in (TEST_SESSION_MARK, "RAY_ADDRESS")}
-    env.update(auth, RAY_USAGE_STATS_ENABLED="0", **{CLUSTER_MARK: token})
-    log = Path(temp_dir, "ray-start.log")
+    env.update(auth, RAY_USAGE_STATS_ENABLED="0", **{CLUSTER_MARK: token}, **(ray_env or {}))
     resources = tuple(f"dsr_worker_{i}" for i in range(2))
     try:
         _ray_start(
-            ray_cli,
-            log,
+            temp_dir,
             env,
             "--head",
             f"--port={_free_port()}",
@@ -147,31 +152,46 @@ def ray_multinode() -> Iterator[LocalCluster]:
             "--include-dashboard=false",
             f"--dashboard-port={_free_port()}",
             f"--ray-client-server-port={_free_port()}",
-            f"--temp-dir={temp_dir}",
         )
         address = Path(temp_dir, "ray_current_cluster").read_text().strip()
-        for resource in resources:
-            _ray_start(
-                ray_cli,
-                log,
-                env,
-                f"--address={address}",
-                f"--num-gpus={WORKER_GPUS}",
-                "--num-cpus=1",
-                f"--resources={json.dumps({resource: 1})}",
-                f"--temp-dir={temp_dir}",
-            )
-        yield LocalCluster(
+        cluster = LocalCluster(
             address=address,
             # RAY_ADDRESS: what connect("auto") joins.
             env={**auth, "DYNSUP_TEST_RAY_ADDRESS": address, "RAY_ADDRESS": address},
             temp_dir=temp_dir,
             worker_resources=resources,
+            start_env=env,
         )
+        for resource in resources:
+            add_worker(cluster, resource)
+        yield cluster
     finally:
         leftovers = _stop_cluster(token)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not leftovers, f"cluster processes survived SIGKILL: {_describe(leftovers)}"
+
+
+def add_worker(cluster: LocalCluster, resource: str) -> None:
+    """Start one more worker raylet (WORKER_GPUS GPUs, one CPU, ``resource``) in the cluster."""
+    _ray_start(
+        cluster.temp_dir,
+        cluster.start_env,
+        f"--address={cluster.address}",
+        f"--num-gpus={WORKER_GPUS}",
+        "--num-cpus=1",
+        f"--resources={json.dumps({resource: 1})}",
+    )
+
+
+def raylet_of(cluster: LocalCluster, node_id: str) -> psutil.Process:
+    """The raylet process of a node of the cluster."""
+    token = cluster.start_env[CLUSTER_MARK]
+    for proc in psutil.process_iter():
+        if _name(proc) == "raylet" and _env(proc).get(CLUSTER_MARK) == token:
+            with contextlib.suppress(psutil.Error):
+                if f"--node_id={node_id}" in proc.cmdline():
+                    return proc
+    raise AssertionError(f"no raylet of node {node_id} in the cluster")
 
 
 def named_actors(namespace: str) -> list[str]:
@@ -239,7 +259,10 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 12
     return json.loads(reports[0])
 
 
-def _ray_start(ray_cli: Path, log: Path, env: dict[str, str], *args: str) -> None:
+RAY_CLI = Path(sys.executable).with_name("ray")
+
+
+def _ray_start(temp_dir: str, env: dict[str, str], *args: str) -> None:
     # Every node gets ports of its own: two raylets on one machine would
     # otherwise both take the fixed defaults (52365, 8265, ...).
     # Distinct: one free port asked for six times can come back twice.
@@ -253,10 +276,12 @@ def _ray_start(ray_cli: Path, log: Path, env: dict[str, str], *args: str) -> Non
         f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--object-store-memory={100 * 2**20}",
         "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
     ]
+    log = Path(temp_dir, "ray-start.log")
     with log.open("a") as out:
         done = subprocess.run(
-            [str(ray_cli), "start", *args, *ports],
+            [str(RAY_CLI), "start", *args, *ports],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

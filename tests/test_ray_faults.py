@@ -6,12 +6,14 @@ the daemon keeps answering, stops stay bounded, and the rest runs on.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dynsup.placement.gcs import GCS_TIMEOUT
@@ -44,6 +46,18 @@ def gpu_unit(units: Path, name: str, *, autostart: bool = True, stop_timeout: fl
         gpus = 1
         """,
     )
+
+
+def wait_new_event(daemon, seen: int, predicate, timeout: float) -> dict:  # type: ignore[no-untyped-def]
+    """The first event after the first ``seen`` ones that satisfies predicate."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in daemon.events()[seen:]:
+            if predicate(event):
+                return event
+        assert daemon.proc.poll() is None, "dynsupd exited"
+        time.sleep(0.1)  # polling the daemon's log file, bounded by the deadline
+    raise AssertionError(f"no such event within {timeout}s:\n{daemon.stderr_path.read_text()}")
 
 
 def unit_status(daemon, name: str) -> dict:  # type: ignore[no-untyped-def]
@@ -110,3 +124,78 @@ def test_with_the_gcs_dead_a_gpu_unit_stops_within_bounds_and_a_start_fails_with
         head = read_head(state)
         if head is not None:
             stop_head(state, head)
+
+
+# Node deaths noticed in seconds, not the default ~15-30 s.
+FAST_HEALTH_CHECKS = {
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+def test_a_dead_worker_raylet_fails_only_its_unit_which_heals_on_a_replacement_node(
+    tmp_path: Path,
+) -> None:
+    from .ray_fixtures import add_worker, local_cluster, raylet_of, wait_gone
+
+    units = tmp_path / "units"
+    for name in ("a", "b"):  # a whole worker node each
+        write_unit(
+            units,
+            name,
+            f"""
+            [service]
+            command = {TICKER}
+            start_seconds = 0.2
+            [resources]
+            gpus = 4
+            """,
+        )
+    with local_cluster(FAST_HEALTH_CHECKS) as cluster:
+        config = tmp_path / "dynsupd.toml"
+        config.write_text(f'[ray]\naddress = "{cluster.address}"\n')
+        extra = ["--config", str(config)]
+        with run_dynsupd(tmp_path, units, extra=extra, env=cluster.env) as daemon:
+            for name in ("a", "b"):
+                daemon.wait_state(name, "RUNNING", timeout=180)
+            (joined,) = [e for e in daemon.events() if e.get("event") == "ray.joined"]
+            node_of = {row["unit"]: row["node_id"] for row in daemon.ctl_json("gpus")["gpus"]}
+            # Not the daemon's own node: its raylet's death is another story.
+            victim = next(u for u in ("a", "b") if node_of[u] != joined["node"])
+            bystander = "b" if victim == "a" else "a"
+            before = {name: unit_status(daemon, name) for name in ("a", "b")}
+            old_proc = psutil.Process(before[victim]["pid"])
+            seen = len(daemon.events())
+
+            raylet_of(cluster, node_of[victim]).kill()
+
+            def moved(event: dict, states: tuple[str, ...]) -> bool:
+                return (
+                    event.get("event") == "unit.state"
+                    and event.get("unit") == victim
+                    and event.get("new") in states
+                )
+
+            failed = wait_new_event(daemon, seen, lambda e: moved(e, ("BACKOFF", "FATAL")), 120)
+            assert failed["new"] == "BACKOFF", failed  # to be restarted by its policy
+            assert "raylet on node" in failed["reason"] and "died" in failed["reason"], failed
+            assert node_of[victim][:12] in failed["reason"], failed
+            assert not asyncio.run(wait_gone([old_proc], 60))
+
+            add_worker(cluster, "dsr_worker_spare")
+            healed = wait_new_event(daemon, seen, lambda e: moved(e, ("RUNNING", "FATAL")), 180)
+            assert healed["new"] == "RUNNING", healed
+            after = {name: unit_status(daemon, name) for name in ("a", "b")}
+            assert after[victim]["pid"] != before[victim]["pid"]
+            assert after[bystander]["pid"] == before[bystander]["pid"]
+            assert after[bystander]["state"] == "RUNNING"
+            touched = [
+                e
+                for e in daemon.events()[seen:]
+                if e.get("event") == "unit.state" and e.get("unit") == bystander
+            ]
+            assert not touched, touched
+            new_node = {row["unit"]: row["node_id"] for row in daemon.ctl_json("gpus")["gpus"]}
+            assert new_node[victim] not in (node_of["a"], node_of["b"])
+            assert daemon.stop(timeout=120) == 0

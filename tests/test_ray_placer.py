@@ -228,6 +228,7 @@ import anyio, anyio.to_thread, psutil
 from dynsup.engine import Engine, OutputHub, State
 from dynsup.placement import connect, list_groups, namespace_for
 from dynsup.placement.gang import GangAgent
+from dynsup.placement.relocating import unwrap
 from dynsup.placement.runtime import open_runtime
 from dynsup.units.spec import ProbeKind, ReadySpec
 from tests.helpers import service
@@ -251,7 +252,7 @@ async def ranks_of(rt, engine, not_pid=None):
         snap = await engine.wait_state(
             "llama-0", lambda s: s.state in (State.RUNNING, State.FATAL) and s.pid != not_pid)
     assert snap.state is State.RUNNING, snap
-    gang = rt.placer.placement_of("llama-0").agent
+    gang = unwrap(rt.placer.placement_of("llama-0").agent)
     assert isinstance(gang, GangAgent)
     running = await gang.running()
     out = []

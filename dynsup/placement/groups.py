@@ -180,6 +180,11 @@ async def release(reservation: Reservation) -> None:
     )
 
 
+async def group_info(reservation: Reservation) -> GroupInfo:
+    """The group's state now and the node of each bundle (None while not placed)."""
+    return await gcs_call(functools.partial(_info_of, reservation), _state_of(reservation))
+
+
 async def list_groups(instance: str, *, include_removed: bool = False) -> list[GroupInfo]:
     """The groups named for ``instance`` (see ``layout.group_name``), by name."""
     return await gcs_call(
@@ -236,20 +241,29 @@ def _layout_of(info: dict[str, Any]) -> Layout | None:
     return Layout(Strategy(info["strategy"]), int(per_bundle), len(bundles))
 
 
+def _group_info(group_id: str, info: dict[str, Any]) -> GroupInfo:
+    order = sorted(info["bundles"], key=int)
+    return GroupInfo(
+        name=info["name"],
+        group_id=group_id,
+        state=info["state"],
+        strategy=info["strategy"],
+        bundles=tuple(dict(info["bundles"][i]) for i in order),
+        node_ids=tuple(info["bundles_to_node_id"].get(i) for i in order),
+    )
+
+
+def _info_of(reservation: Reservation) -> GroupInfo:
+    from ray.util.placement_group import placement_group_table
+
+    return _group_info(reservation.group_id, placement_group_table(reservation.group))
+
+
 def _list_groups(prefix: str, include_removed: bool) -> list[GroupInfo]:
     from ray.util.placement_group import placement_group_table
 
     groups = [
-        GroupInfo(
-            name=info["name"],
-            group_id=group_id,
-            state=info["state"],
-            strategy=info["strategy"],
-            bundles=tuple(dict(info["bundles"][i]) for i in sorted(info["bundles"], key=int)),
-            node_ids=tuple(
-                info["bundles_to_node_id"].get(i) for i in sorted(info["bundles"], key=int)
-            ),
-        )
+        _group_info(group_id, info)
         for group_id, info in placement_group_table().items()
         if info["name"].startswith(prefix)
     ]

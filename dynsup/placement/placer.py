@@ -20,15 +20,17 @@ was stopped meanwhile) is removed.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import structlog
 
-from ..agent_api import Agent
+from ..agent_api import Agent, SpawnError
 from ..engine.placement import Placement, PlacementFailed
 from ..units.spec import ServiceSpec
 from .gang import GangAgent, Rank
@@ -39,12 +41,14 @@ from .groups import (
     Reservation,
     find,
     gpu_ids,
+    group_info,
     release,
     reserve,
     wait_ready,
 )
 from .layout import GpuRequest, PlacementError, check_fits, group_name, plan_layout
-from .ray_cluster import NodeInfo, RayHandle
+from .ray_cluster import NodeInfo, RayHandle, raylet_died
+from .relocating import RelocatingAgent
 from .remote import AgentPool
 
 log = structlog.get_logger("dynsup.placement")
@@ -297,10 +301,55 @@ class RayPlacer:
                 self._orphans.discard(unit)
                 log.info("placement.orphan_removed", unit=unit)
 
+    async def locate(self, unit: str) -> Placement:
+        """Where the unit's bundles are now; when Ray moved them (their node died), the new place.
+
+        One GCS call while nothing moved. A group being placed again is
+        waited for (``reserve_timeout``), then its GPU ids are read anew.
+        Raises `SpawnError` (the unit cannot start) naming the dead node
+        when the group is not placed again in time.
+        """
+        held = self._held[unit]
+        try:
+            info = await group_info(held.reservation)
+        except RayUnavailable as exc:
+            # No news from the GCS: where it was (its node's agent will tell).
+            log.warning("placement.locate_failed", unit=unit, error=str(exc))
+            return self._placement(held)
+        if info.state == "CREATED" and info.node_ids == tuple(b.node_id for b in held.bundles):
+            return self._placement(held)
+        why = await self._why_moved(held)
+        log.warning("placement.moving", unit=unit, reason=why, group_state=info.state)
+        try:
+            await wait_ready(held.reservation, self.reserve_timeout)
+            bundles = await gpu_ids(held.reservation, self.probe_timeout)
+        except (PlacementError, TimeoutError, *_ray_errors()) as exc:
+            detail = _first_line(exc)
+            raise SpawnError(f"{unit}: {why}; its GPUs were not placed again: {detail}") from None
+        moved = self._held[unit] = Held(unit, held.reservation, tuple(bundles))
+        log.info("placement.moved", unit=unit, nodes=[b.node_id for b in bundles])
+        with contextlib.suppress(RayUnavailable):
+            await self.refresh_nodes()  # the GPU table shows the new node
+        return self._placement(moved)
+
+    async def _why_moved(self, held: Held) -> str:
+        try:
+            nodes = {n.node_id: n for n in await self.refresh_nodes()}
+        except RayUnavailable:
+            nodes = {}
+        dead = [
+            raylet_died(b.node_id, b.node_ip)
+            for b in held.bundles
+            if b.node_id in nodes and not nodes[b.node_id].alive
+        ]
+        return ", ".join(dead) or "its placement group is being placed again"
+
     def _remember(self, held: Held) -> Placement:
         self._held[held.unit] = held
         placement = self._placement(held)
-        self._placements[held.unit] = placement
+        # Restarts follow the group wherever Ray places it again.
+        agent = RelocatingAgent(functools.partial(self.locate, held.unit), placement)
+        placement = self._placements[held.unit] = replace(placement, agent=agent)
         return placement
 
     def _placement(self, held: Held) -> Placement:

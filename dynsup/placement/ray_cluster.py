@@ -59,6 +59,29 @@ class NodeInfo:
     alive: bool
 
 
+def cluster_nodes() -> list[NodeInfo]:
+    """Every node the cluster knows, dead ones included (``alive`` False).
+
+    One GCS call (milliseconds); async code runs it through ``gcs.gcs_call``.
+    """
+    import ray
+
+    return [
+        NodeInfo(
+            node_id=node["NodeID"],
+            address=node["NodeManagerAddress"],
+            gpus_total=int(node.get("Resources", {}).get("GPU", 0)),
+            alive=bool(node["Alive"]),
+        )
+        for node in ray.nodes()
+    ]
+
+
+def raylet_died(node_id: str, address: str) -> str:
+    """How a unit's reason names the death of its node's raylet."""
+    return f"raylet on node {address} ({node_id[:12]}) died"
+
+
 def namespace_for(instance: str) -> str:
     """The Ray namespace of a daemon instance.
 
@@ -77,21 +100,8 @@ class RayHandle:
     embedded: bool  # True when this process started the cluster (and ends it)
 
     def nodes(self) -> list[NodeInfo]:
-        """Every node the cluster knows, dead ones included (``alive`` False).
-
-        One GCS call (milliseconds); async code runs it in a worker thread.
-        """
-        import ray
-
-        return [
-            NodeInfo(
-                node_id=node["NodeID"],
-                address=node["NodeManagerAddress"],
-                gpus_total=int(node.get("Resources", {}).get("GPU", 0)),
-                alive=bool(node["Alive"]),
-            )
-            for node in ray.nodes()
-        ]
+        """Every node the cluster knows, dead ones included (``alive`` False)."""
+        return cluster_nodes()
 
     def shutdown(self) -> None:
         """Disconnect; an embedded cluster stops with its gcs, raylet and workers.

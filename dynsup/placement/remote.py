@@ -27,6 +27,7 @@ once that spawn has returned to its caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from typing import Any
 
@@ -44,6 +45,7 @@ from ..agent_api import (
 )
 from .actor import ACTOR_PREFIX, MAX_CONCURRENCY, actor_class, actor_name
 from .gcs import RayUnavailable, gcs_call
+from .ray_cluster import cluster_nodes, raylet_died
 
 _GEN_SHIFT = 40  # cursor = generation << 40 | the actor's own cursor
 _UNAVAILABLE_RETRIES = 3  # ActorUnavailableError is transient by Ray's definition
@@ -255,12 +257,21 @@ class RemoteAgent:
                 raise AgentError(f"agent on node {self.node_id}: {_first_line(exc)}") from None
             except _lost_errors() as exc:
                 self._forget(handle)
-                raise AgentLost(f"agent on node {self.node_id} lost: {_first_line(exc)}") from None
+                raise AgentLost(await self._why_lost(exc)) from None
             else:
                 if isinstance(result, AgentError):
                     raise result
                 return result
         raise AssertionError("unreachable")
+
+    async def _why_lost(self, exc: BaseException) -> str:
+        """The node's death when that is what took the actor, else Ray's word."""
+        with contextlib.suppress(RayUnavailable):
+            nodes = await gcs_call(cluster_nodes, "reading the cluster's nodes")
+            for node in nodes:
+                if node.node_id == self.node_id and not node.alive:
+                    return raylet_died(node.node_id, node.address)
+        return f"agent on node {self.node_id} lost: {_first_line(exc)}"
 
 
 def get_or_create_agent(node_id: str, namespace: str) -> RemoteAgent:

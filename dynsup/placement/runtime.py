@@ -45,6 +45,7 @@ from .head import ensure_head, stop_head
 from .layout import PlacementError, parse_group_name
 from .placer import RayPlacer
 from .ray_cluster import RayHandle, namespace_for, open_ray
+from .relocating import unwrap
 from .remote import AgentPool, RemoteAgent, agents_of
 
 log = structlog.get_logger("dynsup.placement")
@@ -331,6 +332,8 @@ async def open_runtime(
     import ray
 
     pool = AgentPool(namespace or handle.namespace, ray.get_runtime_context().get_node_id())
+    # The node units without GPUs run on; its raylet's death ends them all.
+    log.info("ray.joined", address=handle.address, node=pool.local_node_id)
     placer = RayPlacer(handle, instance, pool, reserve_timeout=reserve_timeout)
     runtime = RayRuntime(handle, instance, pool, placer)
     for agent in await agents_of(pool.namespace):
@@ -417,7 +420,7 @@ def _complete(
     by_name: Mapping[str, tuple[RemoteAgent, Spawned]],
 ) -> bool:
     """Whether every rank of a survivor runs, with its tag, on its bundle's node."""
-    gang = placement.agent
+    gang = unwrap(placement.agent)
     if not isinstance(gang, GangAgent):
         return isinstance(gang, RemoteAgent) and gang.node_id == agent.node_id
     for k, rank in enumerate(gang.ranks):
