@@ -20,6 +20,7 @@ from dynsup.placement.gcs import GCS_TIMEOUT
 
 from .daemon_helpers import DYNSUPCTL, py_command, run_dynsupd, write_unit
 from .helpers import alive
+from .ray_fixtures import wait_gone
 
 pytestmark = pytest.mark.ray
 
@@ -199,3 +200,46 @@ def test_a_dead_worker_raylet_fails_only_its_unit_which_heals_on_a_replacement_n
             new_node = {row["unit"]: row["node_id"] for row in daemon.ctl_json("gpus")["gpus"]}
             assert new_node[victim] not in (node_of["a"], node_of["b"])
             assert daemon.stop(timeout=120) == 0
+
+
+def test_a_dead_head_raylet_is_reported_on_its_units_and_the_daemon_survives(
+    tmp_path: Path,
+) -> None:
+    from dynsup.placement.head import read_head, stop_head
+
+    units = tmp_path / "units"
+    gpu_unit(units, "model")
+    config = tmp_path / "dynsupd.toml"
+    config.write_text("[ray]\nnum_gpus = 2\n")
+    state = tmp_path / "state"
+    try:
+        with run_dynsupd(
+            tmp_path, units, extra=["--config", str(config)], env=FAST_HEALTH_CHECKS
+        ) as daemon:
+            daemon.wait_state("model", "RUNNING", timeout=180)
+            pid = unit_status(daemon, "model")["pid"]
+            head = read_head(state)
+            assert head is not None
+            seen = len(daemon.events())
+            os.kill(head.raylet_pid, signal.SIGKILL)
+
+            def ended(event: dict) -> bool:
+                return (
+                    event.get("event") == "unit.state"
+                    and event.get("unit") == "model"
+                    and event.get("new") in ("BACKOFF", "FATAL")
+                )
+
+            failed = wait_new_event(daemon, seen, ended, 120)
+            assert "raylet on node" in failed["reason"] and "died" in failed["reason"], failed
+            assert not asyncio.run(wait_gone([psutil.Process(pid)], 60))
+            settled = wait_new_event(daemon, seen, lambda e: ended(e) and e["new"] == "FATAL", 180)
+            assert "raylet on node" in settled["reason"], settled
+            assert daemon.proc.poll() is None
+            assert unit_status(daemon, "model")["state"] == "FATAL"
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait(30)
+    finally:
+        head = read_head(state)
+        if head is not None:
+            stop_head(state, head)
