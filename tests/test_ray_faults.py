@@ -16,8 +16,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dynsup.placement.gcs import GCS_TIMEOUT
-
 from .daemon_helpers import DYNSUPCTL, py_command, run_dynsupd, write_unit
 from .helpers import alive
 from .ray_fixtures import wait_gone
@@ -69,6 +67,7 @@ def unit_status(daemon, name: str) -> dict:  # type: ignore[no-untyped-def]
 def test_with_the_gcs_dead_a_gpu_unit_stops_within_bounds_and_a_start_fails_with_the_reason(
     tmp_path: Path,
 ) -> None:
+    from dynsup.placement.gcs import GCS_TIMEOUT
     from dynsup.placement.head import read_head, stop_head
 
     units = tmp_path / "units"
