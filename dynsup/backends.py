@@ -82,6 +82,8 @@ class Backend:
     gpu_table: Callable[[], Any] | None = None  # async, for `dynsupctl gpus`
     adopt: Callable[[Engine, Mapping[str, ServiceSpec], set[str]], Any] | None = None
     check: Check = refuse_gpus  # before units are added or changed
+    # async, runs for the daemon's life: restarts an embedded Ray head that died
+    watch: Callable[[], Awaitable[None]] | None = None
 
 
 @asynccontextmanager
@@ -156,4 +158,5 @@ async def open_ray_backend(
             gpu_table=gpu_table,
             adopt=adopt,
             check=check,
+            watch=runtime.keep_head,
         )

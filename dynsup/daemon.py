@@ -388,6 +388,8 @@ class Daemon:
             server.handlers.update(handlers)
             await tg.start(server.serve)
             tg.start_soon(keep_running, "pump", backend.pump, output_consumer(hub, journal))
+            if backend.watch is not None:
+                tg.start_soon(keep_running, "backend_watch", backend.watch)
             if journal is not None:
                 tg.start_soon(keep_running, "journal_flush", flush_journal_on_exit, engine, journal)
                 tg.start_soon(keep_running, "journal_backlog", journal.sender.run_backlog)

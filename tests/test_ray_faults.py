@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -238,6 +239,59 @@ def test_a_dead_head_raylet_is_reported_on_its_units_and_the_daemon_survives(
             assert unit_status(daemon, "model")["state"] == "FATAL"
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait(30)
+    finally:
+        head = read_head(state)
+        if head is not None:
+            stop_head(state, head)
+
+
+def test_a_dead_embedded_head_is_restarted_and_its_units_heal_by_policy(tmp_path: Path) -> None:
+    from dynsup.placement.head import head_processes, read_head, stop_head
+
+    units = tmp_path / "units"
+    gpu_unit(units, "model")
+    write_unit(units, "plain", f"[service]\ncommand = {TICKER}\nstart_seconds = 0.2\n")
+    config = tmp_path / "dynsupd.toml"
+    config.write_text("[ray]\nnum_gpus = 2\nenabled = true\n")
+    state = tmp_path / "state"
+    try:
+        with run_dynsupd(tmp_path, units, extra=["--config", str(config)]) as daemon:
+            for name in ("model", "plain"):
+                daemon.wait_state(name, "RUNNING", timeout=180)
+            before = {name: unit_status(daemon, name) for name in ("model", "plain")}
+            head = read_head(state)
+            assert head is not None
+            seen = len(daemon.events())
+            # The whole head: its GCS and its raylet.
+            os.kill(head.gcs_pid, signal.SIGKILL)
+            os.kill(head.raylet_pid, signal.SIGKILL)
+
+            def event(name: str) -> Callable[[dict], bool]:
+                return lambda e: e.get("event") == name
+
+            died = wait_new_event(daemon, seen, event("ray.head_died"), 60)
+            assert died["process"] in ("gcs_server", "raylet")
+            wait_new_event(daemon, seen, event("ray.head_restarted"), 240)
+            for name in ("model", "plain"):
+                back = wait_new_event(
+                    daemon,
+                    seen,
+                    lambda e, name=name: (
+                        e.get("event") == "unit.state"
+                        and e.get("unit") == name
+                        and e.get("new") in ("RUNNING", "FATAL")
+                    ),
+                    240,
+                )
+                assert back["new"] == "RUNNING", back
+                assert unit_status(daemon, name)["pid"] != before[name]["pid"]
+            new_head = read_head(state)
+            assert new_head is not None and new_head.gcs_pid != head.gcs_pid
+            table = daemon.ctl_json("gpus")["gpus"]
+            assert [row["unit"] for row in table if row["unit"]] == ["model"]
+            assert daemon.stop(timeout=180) == 0
+        # An orderly stop with nothing left running stops the restarted head too.
+        assert not head_processes(new_head.token, new_head.temp_dir)
     finally:
         head = read_head(state)
         if head is not None:

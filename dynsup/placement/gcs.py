@@ -38,5 +38,12 @@ class RayUnavailable(PlacementError):
 async def gcs_call(call: Callable[[], T], what: str, timeout: float = GCS_TIMEOUT) -> T:
     """``call()`` in a worker thread; `RayUnavailable` naming ``what`` after ``timeout`` s."""
     with anyio.move_on_after(timeout):
-        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        try:
+            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        except Exception:
+            import ray
+
+            if not ray.is_initialized():  # between two clusters: a head restart
+                raise RayUnavailable(f"Ray unavailable: {what}: not connected") from None
+            raise
     raise RayUnavailable(f"Ray unavailable: {what} got no answer within {timeout:g} s")

@@ -41,6 +41,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import anyio
 import psutil
 import tomli_w
 
@@ -103,7 +104,10 @@ def ensure_head(
     return start_head(state_dir, num_gpus=num_gpus, num_cpus=num_cpus), True
 
 
-def start_head(state_dir: Path, *, num_gpus: int | None, num_cpus: int | None = None) -> Head:
+def start_head(
+    state_dir: Path, *, num_gpus: int | None, num_cpus: int | None = None, token: str | None = None
+) -> Head:
+    """Start a head; ``token``: the auth token to keep (Ray reads it once per process)."""
     ray_cli = Path(sys.executable).with_name("ray")
     if not ray_cli.exists():
         found = shutil.which("ray")
@@ -112,7 +116,7 @@ def start_head(state_dir: Path, *, num_gpus: int | None, num_cpus: int | None = 
         ray_cli = Path(found)
     state_dir.mkdir(parents=True, exist_ok=True)
     temp_dir = _temp_dir(state_dir)
-    token = secrets.token_hex(16)
+    token = token or secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
     # The raylet and the agent actors it starts outlive a GCS restart too.
@@ -177,6 +181,36 @@ def start_head(state_dir: Path, *, num_gpus: int | None, num_cpus: int | None = 
     path.touch(mode=0o600)
     path.write_text(tomli_w.dumps(asdict(head)))
     return head
+
+
+async def wait_head_exit(head: Head) -> str:
+    """Until the head's gcs_server or raylet exits; returns which. Event-driven (pidfd)."""
+    fds: dict[str, int] = {}
+    try:
+        for name, pid, start in (
+            ("gcs_server", head.gcs_pid, head.gcs_start),
+            ("raylet", head.raylet_pid, head.raylet_start),
+        ):
+            try:
+                fds[name] = os.pidfd_open(pid)
+            except ProcessLookupError:
+                return name
+            if not _same(pid, start):  # checked once the fd pins the pid: no reuse race
+                return name
+        exited: list[str] = []
+        async with anyio.create_task_group() as tg:
+
+            async def watch(name: str, fd: int) -> None:
+                await anyio.wait_readable(fd)  # a pidfd reads as ready when its process exits
+                exited.append(name)
+                tg.cancel_scope.cancel()
+
+            for name, fd in fds.items():
+                tg.start_soon(watch, name, fd)
+        return exited[0]
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def stop_head(state_dir: Path, head: Head) -> list[psutil.Process]:

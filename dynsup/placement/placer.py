@@ -49,7 +49,7 @@ from .groups import (
 from .layout import GpuRequest, PlacementError, check_fits, group_name, plan_layout
 from .ray_cluster import NodeInfo, RayHandle, raylet_died
 from .relocating import RelocatingAgent
-from .remote import AgentPool
+from .remote import AgentPool, RemoteAgent
 
 log = structlog.get_logger("dynsup.placement")
 
@@ -58,6 +58,7 @@ GPU_ENV = "CUDA_VISIBLE_DEVICES"
 # reset CUDA_VISIBLE_DEVICES to the GPUs *they* asked Ray for.
 NOSET_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 _CLEANUP_TIMEOUT = 30.0
+_REJOIN_TIMEOUT = 300.0  # a head restart: seconds to let go of the old, seconds to start anew
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,20 @@ class RayPlacer:
         # Units whose group could not be removed (Ray unavailable): removed
         # once the GCS answers again, unless the unit is placed again first.
         self._orphans: set[str] = set()
+        # Set while joined; unset while the embedded head is being restarted.
+        self._joined = anyio.Event()
+        self._joined.set()
+        # Held units whose group went with a cluster that is gone.
+        self._lost: set[str] = set()
 
     # -- the Placer contract ---------------------------------------------------
 
     async def place(self, spec: ServiceSpec) -> Placement:
         if spec.gpus <= 0:
-            placement = Placement(agent=self.agents.local)
-            self._placements[spec.name] = placement
-            return placement
+            return self._remember_plain(spec.name, self.agents.local_node_id)
         try:
-            held = await self._reserve(spec)
+            await self._wait_joined()
+            held = await self._reserve(spec.name, spec.gpus)
         except PlacementError as exc:
             raise PlacementFailed(f"{spec.name}: {exc}") from exc
         except TimeoutError:
@@ -119,6 +124,9 @@ class RayPlacer:
     async def release(self, spec: ServiceSpec) -> None:
         self._placements.pop(spec.name, None)
         held = self._held.pop(spec.name, None)
+        if spec.name in self._lost:
+            self._lost.discard(spec.name)
+            return  # its group went with the old cluster
         try:
             reservation = held.reservation if held else None
             if reservation is None and spec.gpus > 0:
@@ -214,10 +222,24 @@ class RayPlacer:
         bundles = await gpu_ids(reservation, self.probe_timeout)
         return self._remember(Held(unit, reservation, tuple(bundles)))
 
-    def attach_plain(self, unit: str, agent: Agent) -> Placement:
+    def attach_plain(self, unit: str, agent: RemoteAgent) -> Placement:
         """The placement of an adopted unit without GPUs, on the agent hosting it."""
-        placement = self._placements[unit] = Placement(agent=agent)
-        return placement
+        return self._remember_plain(unit, agent.node_id)
+
+    # -- a new cluster (the embedded head restarted) -----------------------------
+
+    def left(self) -> None:
+        """The cluster is gone: placements and spawns wait for ``rejoined``."""
+        if self._joined.is_set():
+            self._joined = anyio.Event()
+        self._lost |= set(self._held)
+        self._orphans.clear()  # their groups went with it
+        self._nodes = []
+
+    def rejoined(self, handle: RayHandle) -> None:
+        """Joined a new cluster: units lost with the old one reserve their GPUs again."""
+        self.handle = handle
+        self._joined.set()
 
     def placement_of(self, unit: str) -> Placement | None:
         return self._placements.get(unit)
@@ -228,22 +250,22 @@ class RayPlacer:
 
     # -- internals ---------------------------------------------------------------
 
-    async def _reserve(self, spec: ServiceSpec) -> Held:
-        name = group_name(self.instance, spec.name, 0)
+    async def _reserve(self, unit: str, gpus: int) -> Held:
+        name = group_name(self.instance, unit, 0)
         reservation: Reservation | None = None
-        self._orphans.discard(spec.name)  # its group, if any, is found and reused below
+        self._orphans.discard(unit)  # its group, if any, is found and reused below
         try:
             nodes = _gpu_nodes(await self.refresh_nodes())
-            layout = plan_layout(spec.gpus, nodes)
+            layout = plan_layout(gpus, nodes)
             # Checked against what is held and what is being reserved now, with
             # no await between the check and the entry: units placed at the same
             # time (a daemon's start, one `update`) are checked together, so one
             # of them fails at once instead of waiting out the reserve timeout.
-            asks = [*self._asks(besides=spec.name), GpuRequest(spec.name, 1, spec.gpus)]
+            asks = [*self._asks(besides=unit), GpuRequest(unit, 1, gpus)]
             check_fits(asks, nodes)
-            self._reserving[spec.name] = spec.gpus
+            self._reserving[unit] = gpus
             reservation = await find(name)
-            if reservation is not None and reservation.layout.total_gpus != spec.gpus:
+            if reservation is not None and reservation.layout.total_gpus != gpus:
                 await release(reservation)  # made for another size of the unit
                 reservation = None
             if reservation is None:
@@ -261,11 +283,11 @@ class RayPlacer:
             # Cancellation (the unit stopped while being placed) included.
             with anyio.CancelScope(shield=True):
                 if not await self._remove_group(name, reservation):
-                    self._orphans.add(spec.name)
+                    self._orphans.add(unit)
             raise
         finally:
-            self._reserving.pop(spec.name, None)
-        return Held(spec.name, reservation, tuple(bundles))
+            self._reserving.pop(unit, None)
+        return Held(unit, reservation, tuple(bundles))
 
     def _asks(self, *, besides: str) -> list[GpuRequest]:
         """What every other unit holds or is being given now."""
@@ -305,11 +327,18 @@ class RayPlacer:
         """Where the unit's bundles are now; when Ray moved them (their node died), the new place.
 
         One GCS call while nothing moved. A group being placed again is
-        waited for (``reserve_timeout``), then its GPU ids are read anew.
-        Raises `SpawnError` (the unit cannot start) naming the dead node
-        when the group is not placed again in time.
+        waited for (``reserve_timeout``), then its GPU ids are read anew;
+        a group lost with its cluster (the embedded head restarted) is
+        reserved again. Raises `SpawnError` (the unit cannot start) naming
+        the dead node when the group is not placed again in time.
         """
+        try:
+            await self._wait_joined()
+        except RayUnavailable as exc:
+            raise SpawnError(f"{unit}: {exc}") from None
         held = self._held[unit]
+        if unit in self._lost:
+            return await self._reserve_again(held)
         try:
             info = await group_info(held.reservation)
         except RayUnavailable as exc:
@@ -331,6 +360,45 @@ class RayPlacer:
         with contextlib.suppress(RayUnavailable):
             await self.refresh_nodes()  # the GPU table shows the new node
         return self._placement(moved)
+
+    async def _reserve_again(self, held: Held) -> Placement:
+        try:
+            again = await self._reserve(held.unit, held.reservation.layout.total_gpus)
+        except (PlacementError, TimeoutError, *_ray_errors()) as exc:
+            raise SpawnError(
+                f"{held.unit}: Ray was restarted and its GPUs could not be reserved again: "
+                f"{_first_line(exc)}"
+            ) from None
+        self._lost.discard(held.unit)
+        self._held[held.unit] = again
+        log.info("placement.reserved_again", unit=held.unit, gpus=list(again.bundles[0].gpu_ids))
+        return self._placement(again)
+
+    def _remember_plain(self, unit: str, node_id: str) -> Placement:
+        first = Placement(agent=self.agents.get(node_id))
+        agent = RelocatingAgent(functools.partial(self._locate_plain, node_id), first)
+        placement = self._placements[unit] = Placement(agent=agent)
+        return placement
+
+    async def _locate_plain(self, node_id: str) -> Placement:
+        """A unit without GPUs runs on its node while that lives, else on the daemon's."""
+        try:
+            await self._wait_joined()
+        except RayUnavailable as exc:
+            raise SpawnError(str(exc)) from None
+        if node_id != self.agents.local_node_id:
+            with contextlib.suppress(RayUnavailable):
+                nodes = await self.refresh_nodes()
+                if not any(n.node_id == node_id and n.alive for n in nodes):
+                    node_id = self.agents.local_node_id
+        return Placement(agent=self.agents.get(node_id))
+
+    async def _wait_joined(self) -> None:
+        joined = self._joined
+        with anyio.move_on_after(_REJOIN_TIMEOUT):
+            await joined.wait()
+            return
+        raise RayUnavailable(f"Ray unavailable: its head was not back within {_REJOIN_TIMEOUT:g} s")
 
     async def _why_moved(self, held: Held) -> str:
         try:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import anyio
 import anyio.to_thread
@@ -98,6 +99,12 @@ class RayHandle:
     address: str  # the GCS address, "host:port"
     namespace: str
     embedded: bool  # True when this process started the cluster (and ends it)
+    # From ``open_ray``: leave this cluster and join the one at an address (a
+    # restarted head's); the future resolves to the new handle. Blocks for
+    # seconds: Ray takes that long to give up on a dead GCS.
+    rejoin: Callable[[str], Future[RayHandle]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def nodes(self) -> list[NodeInfo]:
         """Every node the cluster knows, dead ones included (``alive`` False)."""
@@ -122,9 +129,19 @@ async def open_ray(
     namespace: str,
     num_cpus: int | None = None,
 ) -> AsyncIterator[RayHandle]:
-    """``connect`` on a dedicated owner thread; ``shutdown`` on leaving, even when cancelled."""
+    """``connect`` on a dedicated owner thread; ``shutdown`` on leaving, even when cancelled.
+
+    The handle's ``rejoin`` leaves the cluster and joins another, on the
+    same thread: Ray's connection is set up and torn down by one thread only.
+    """
     connected: Future[RayHandle] = Future()
-    leave = threading.Event()
+    # Rejoin requests, then None to leave.
+    requests: queue.SimpleQueue[tuple[str, Future[RayHandle]] | None] = queue.SimpleQueue()
+
+    def rejoin(to: str) -> Future[RayHandle]:
+        done: Future[RayHandle] = Future()
+        requests.put((to, done))
+        return done
 
     def own() -> None:
         try:
@@ -132,9 +149,17 @@ async def open_ray(
         except BaseException as exc:
             connected.set_exception(exc)
             return
-        connected.set_result(handle)
+        connected.set_result(replace(handle, rejoin=rejoin))
         # Stay alive while the cluster runs: its processes die with this thread.
-        leave.wait()
+        while (request := requests.get()) is not None:
+            to, done = request
+            try:
+                handle.shutdown()
+                handle = connect(to, num_gpus=None, namespace=namespace)
+            except BaseException as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(replace(handle, rejoin=rejoin))
         handle.shutdown()
 
     owner = threading.Thread(target=own, name="dynsup-ray-owner", daemon=True)
@@ -143,9 +168,30 @@ async def open_ray(
         # Not abandoned on cancel: a half-started Ray must still be shut down.
         yield await anyio.to_thread.run_sync(connected.result)
     finally:
-        leave.set()
+        requests.put(None)
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(owner.join)
+
+
+def no_auto_connect() -> None:
+    """Ray calls made while this process is not connected fail, never start a Ray of their own.
+
+    Ray's API calls ``ray.init()`` when it is not connected: a GCS call
+    made while the daemon is between two clusters (a head restart) would
+    start a private local Ray in the daemon, which then cannot rejoin.
+    Ray reads the setting when it is first imported; set both.
+    """
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+    import ray._private.auto_init_hook as auto_init
+
+    auto_init.enable_auto_connect = False
+
+
+def current_node_id() -> str:
+    """The node this process's Ray connection runs on."""
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
 
 
 def connect(
@@ -164,6 +210,7 @@ def connect(
     Call it from a thread that outlives the connection (see the module
     docstring); from async code use ``open_ray``.
     """
+    no_auto_connect()
     import ray
 
     if ray.is_initialized():

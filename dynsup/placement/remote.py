@@ -68,6 +68,10 @@ class RemoteAgent:
         self._lock = anyio.Lock()
         self._spawning = 0
         self._spawn_done = anyio.Event()
+        # Set when the cluster is gone (``AgentPool.cut``): calls fail at once,
+        # and those in flight are cancelled (their replies will never come).
+        self._gone: str | None = None
+        self._in_flight: set[anyio.CancelScope] = set()
 
     def __repr__(self) -> str:
         return f"RemoteAgent(node={self.node_id[:12]}, namespace={self.namespace!r})"
@@ -81,6 +85,8 @@ class RemoteAgent:
 
     async def ensure(self) -> Any:
         """The node's live actor, made when there is none (idempotent, race-free)."""
+        if self._gone is not None:
+            raise AgentLost(self._gone)
         async with self._lock:
             if self._handle is None:
                 try:
@@ -93,7 +99,7 @@ class RemoteAgent:
                 try:
                     # Constructed and serving; bounded, as its creation needs the GCS.
                     with anyio.fail_after(_START_TIMEOUT):
-                        await _resolve(handle.info.remote())
+                        await self._await(handle.info.remote())
                 except TimeoutError:
                     raise AgentLost(
                         f"Ray unavailable: no agent started on node {self.node_id} "
@@ -108,6 +114,8 @@ class RemoteAgent:
 
     async def lookup(self) -> Any | None:
         """The node's live actor if there is one; never makes one."""
+        if self._gone is not None:
+            raise AgentLost(self._gone)
         async with self._lock:
             if self._handle is None:
                 try:
@@ -236,6 +244,24 @@ class RemoteAgent:
 
     # -- calls -----------------------------------------------------------------
 
+    def cut(self, reason: str) -> None:
+        """The cluster is gone: fail every call, those in flight included, with reason."""
+        self._gone = reason
+        self._handle = None  # the old cluster's: submitting to it raises
+        for scope in self._in_flight:
+            scope.cancel()
+
+    async def _await(self, ref: Any) -> Any:
+        if self._gone is not None:
+            raise AgentLost(self._gone)
+        with anyio.CancelScope() as scope:
+            self._in_flight.add(scope)
+            try:
+                return await _resolve(ref)
+            finally:
+                self._in_flight.discard(scope)
+        raise AgentLost(self._gone or "cancelled")
+
     async def _call(self, method: str, *args: Any, create: bool = False) -> Any:
         handle = await (self.ensure() if create else self.lookup())
         if handle is None:
@@ -247,7 +273,7 @@ class RemoteAgent:
 
         for attempt in range(_UNAVAILABLE_RETRIES + 1):
             try:
-                result = await _resolve(getattr(handle, method).remote(*args))
+                result = await self._await(getattr(handle, method).remote(*args))
             except ray.exceptions.ActorUnavailableError as exc:
                 if attempt == _UNAVAILABLE_RETRIES:
                     self._forget(handle)
@@ -402,6 +428,17 @@ class AgentPool:
 
     def all(self) -> list[RemoteAgent]:
         return list(self._agents.values())
+
+    def cut(self, reason: str) -> None:
+        """The cluster is gone: every agent's calls fail with reason, those in flight too."""
+        for agent in self._agents.values():
+            agent.cut(reason)
+
+    def reset(self, local_node_id: str) -> None:
+        """A new cluster (the embedded head restarted): every agent is to be made anew."""
+        self.local_node_id = local_node_id
+        self._agents.clear()
+        self.get(local_node_id)  # announces the change to whoever waits in wait_added
 
     async def wait_added(self) -> None:
         """Until the next node's agent joins the pool."""

@@ -25,7 +25,8 @@ import contextlib
 import functools
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+import signal
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +42,17 @@ from ..engine.reload import fingerprint
 from ..units.spec import ServiceSpec
 from .gang import GangAgent, rank_name
 from .groups import find, list_groups, release
-from .head import ensure_head, stop_head
+from .head import Head, ensure_head, start_head, stop_head, wait_head_exit
 from .layout import PlacementError, parse_group_name
 from .placer import RayPlacer
-from .ray_cluster import RayHandle, namespace_for, open_ray
+from .ray_cluster import RayHandle, current_node_id, namespace_for, open_ray
 from .relocating import unwrap
 from .remote import AgentPool, RemoteAgent, agents_of
 
 log = structlog.get_logger("dynsup.placement")
 
 _CLOSE_TIMEOUT = 60.0
+_KEPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 _RANK = re.compile(r"^(?P<unit>.+)-r(?P<rank>[1-9][0-9]*)$")
 
 
@@ -63,6 +65,16 @@ class Survivor:
     spawned: Spawned  # rank 0's for a gang; ``spawned.tag`` is the spec's fingerprint
 
 
+@dataclass
+class EmbeddedHead:
+    """The embedded head the runtime is joined to, and how to start it again."""
+
+    state_dir: Path
+    head: Head
+    num_gpus: int | None
+    num_cpus: int | None
+
+
 class RayRuntime:
     """The placer, the agents and the adoption of one daemon instance on one connection."""
 
@@ -73,6 +85,7 @@ class RayRuntime:
         self.placer = placer
         self.agent: Agent = UnitRouter(placer, pool)
         self.idle = False  # set on leaving: nothing was left running
+        self.embedded: EmbeddedHead | None = None  # None: a cluster the daemon joined
         # Where pumps start on agents that were running before this runtime
         # opened (a daemon restart); agents made later are read from their start.
         self.start_cursors: dict[str, int] = {}
@@ -218,6 +231,56 @@ class RayRuntime:
                         start = 0 if replay else self.start_cursors.get(agent.node_id, 0)
                         tg.start_soon(_pump, agent, on_batch, start)
                 await self.pool.wait_added()
+
+    # -- the embedded head ---------------------------------------------------------
+
+    async def keep_head(self) -> None:
+        """Restart the embedded head whenever it dies and rejoin it (forever; cancel to stop).
+
+        Without GCS fault tolerance a new head is a new cluster: the
+        agents, their processes and the placement groups went with the old
+        one. Units learn it as a lost agent and restart by their policy;
+        their spawns wait for the rejoin, then reserve their GPUs again.
+        """
+        if self.embedded is None:
+            return  # a joined cluster is its operator's to restart
+        while True:
+            died = await wait_head_exit(self.embedded.head)
+            log.error("ray.head_died", process=died, address=self.embedded.head.address)
+            await self._restart_head(f"the Ray head died ({died} exited)")
+
+    async def _restart_head(self, reason: str) -> None:
+        assert self.embedded is not None
+        began = anyio.current_time()
+        self.placer.left()
+        # Before Ray lets go of the old cluster: replies to calls in flight never come.
+        self.pool.cut(reason)
+        old = self.embedded
+        # What is left of it (the other of gcs_server/raylet, agents, workers).
+        await anyio.to_thread.run_sync(functools.partial(stop_head, old.state_dir, old.head))
+        # The same token: Ray reads it once per process.
+        head = await anyio.to_thread.run_sync(
+            functools.partial(
+                start_head,
+                old.state_dir,
+                num_gpus=old.num_gpus,
+                num_cpus=old.num_cpus,
+                token=old.head.token,
+            )
+        )
+        old.head = head
+        assert self.handle.rejoin is not None, "an embedded head is joined through open_ray"
+        with keep_signal_handlers():
+            self.handle = await anyio.to_thread.run_sync(self.handle.rejoin(head.address).result)
+        self.pool.reset(await anyio.to_thread.run_sync(current_node_id))
+        self.start_cursors.clear()
+        self.placer.rejoined(self.handle)
+        await self.pool.local.ensure()
+        log.info(
+            "ray.head_restarted",
+            address=head.address,
+            seconds=round(anyio.current_time() - began, 1),
+        )
 
     # -- shutdown ----------------------------------------------------------------
 
@@ -366,7 +429,8 @@ async def open_ray_runtime(
     (None: Ray detects); a head found running keeps what it has.
     """
     state = Path(state_dir)
-    head, started = None, False
+    head: Head | None = None
+    started = False
     if address == "":
         head, started = await anyio.to_thread.run_sync(
             functools.partial(ensure_head, state, num_gpus=num_gpus, num_cpus=num_cpus)
@@ -381,14 +445,35 @@ async def open_ray_runtime(
             open_ray(address, num_gpus=None, namespace=namespace_for(instance)) as handle,
             open_runtime(handle, instance, reserve_timeout=reserve_timeout) as runtime,
         ):
+            if head is not None:
+                runtime.embedded = EmbeddedHead(state, head, num_gpus, num_cpus)
             yield runtime
     finally:
         # A head nobody uses is stopped; one that still hosts units waits for
         # the next daemon. A head we could not even join is ours to stop.
         unused = runtime.idle if runtime is not None else started
+        if runtime is not None and runtime.embedded is not None:
+            head = runtime.embedded.head  # restarted meanwhile, maybe
         if head is not None and unused:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(functools.partial(stop_head, state, head))
+
+
+@contextlib.contextmanager
+def keep_signal_handlers() -> Iterator[None]:
+    """Put the process's signal handlers back after Ray joins a cluster.
+
+    ``ray.init`` installs Ray's own handler for SIGTERM (it logs a stack and
+    dies); on a rejoin that replaces the daemon's orderly stop. Call on the
+    main thread.
+    """
+    saved = {sig: signal.getsignal(sig) for sig in _KEPT_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 async def _pump(agent: RemoteAgent, on_batch: Callable[[ChunkBatch], None], cursor: int) -> None:
