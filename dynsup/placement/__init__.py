@@ -11,9 +11,13 @@
 * ``actor`` / ``remote``: the agent as a detached actor per node, and the
   `Agent` proxy the engine talks to (Ray failures become ``AgentLost``).
 * ``ray_env``: what Ray adds to its workers' environment, kept from units.
+* ``gcs``: every call that needs Ray's GCS, with a deadline (`RayUnavailable`).
+* ``relocating``: a unit's agent that follows its placement group when Ray
+  places it again (its node died) or the cluster is new (head restarted).
 * ``gang``: one unit's ranks over several nodes, living and dying together.
 * ``placer``: the engine's `Placer` on Ray (reservations, GPU ids, the GPU table).
-* ``runtime``: the daemon's entry point: connect, place, adopt, pump output.
+* ``runtime``: the daemon's entry point: connect, place, adopt, pump output;
+  restart the embedded head when it dies and rejoin it.
 
 Nothing here imports Ray at module level; importing this package is cheap.
 
@@ -26,6 +30,7 @@ Errors, all under ``PlacementError``:
 * ``ReservationTimeout``: a group was not placed in time (and was removed).
 * ``GroupExists``: the group name is taken in this namespace.
 * ``GroupLost``: the group was removed while in use.
+* ``RayUnavailable``: a GCS call got no answer in time (the GCS is down).
 """
 
 from .groups import (
