@@ -183,6 +183,15 @@ def add_worker(cluster: LocalCluster, resource: str) -> None:
     )
 
 
+def gcs_of(cluster: LocalCluster) -> psutil.Process:
+    """The cluster's gcs_server process."""
+    token = cluster.start_env[CLUSTER_MARK]
+    for proc in psutil.process_iter():
+        if _name(proc) == "gcs_server" and _env(proc).get(CLUSTER_MARK) == token:
+            return proc
+    raise AssertionError("no gcs_server in the cluster")
+
+
 def raylet_of(cluster: LocalCluster, node_id: str) -> psutil.Process:
     """The raylet process of a node of the cluster."""
     token = cluster.start_env[CLUSTER_MARK]

@@ -183,14 +183,16 @@ def start_head(
     return head
 
 
-async def wait_head_exit(head: Head) -> str:
-    """Until the head's gcs_server or raylet exits; returns which. Event-driven (pidfd)."""
+async def wait_head_exit(head: Head, processes: tuple[str, ...] = ("gcs_server", "raylet")) -> str:
+    """Until one of the head's processes exits; returns which. Event-driven (pidfd)."""
     fds: dict[str, int] = {}
+    watched = {
+        "gcs_server": (head.gcs_pid, head.gcs_start),
+        "raylet": (head.raylet_pid, head.raylet_start),
+    }
     try:
-        for name, pid, start in (
-            ("gcs_server", head.gcs_pid, head.gcs_start),
-            ("raylet", head.raylet_pid, head.raylet_start),
-        ):
+        for name in processes:
+            pid, start = watched[name]
             try:
                 fds[name] = os.pidfd_open(pid)
             except ProcessLookupError:

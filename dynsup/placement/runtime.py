@@ -246,6 +246,12 @@ class RayRuntime:
             return  # a joined cluster is its operator's to restart
         while True:
             died = await wait_head_exit(self.embedded.head)
+            if died == "gcs_server":
+                # The raylet, the agents and the units run on without it; only
+                # placing GPUs fails ("Ray unavailable"). A restart would end
+                # every unit: wait for the raylet to go (or the next daemon).
+                log.error("ray.gcs_died", address=self.embedded.head.address)
+                died = await wait_head_exit(self.embedded.head, ("raylet",))
             log.error("ray.head_died", process=died, address=self.embedded.head.address)
             await self._restart_head(f"the Ray head died ({died} exited)")
 
