@@ -238,6 +238,12 @@ class Commands:
     async def tail(self, args: dict[str, Any]) -> dict[str, Any] | Stream:
         """The last lines of a unit's stream; with follow, then everything it prints.
 
+        Without ``stream``: both streams (a Dynamo process writes everything to
+        stderr). The past lines come as ``{"parts": [{"stream", "data"}, ...]}``
+        (the ring buffers keep no times, so stdout's and stderr's past cannot
+        be interleaved); what follows, as ``{"stream", "data", "missed"}`` in
+        the order it was printed.
+
         With ``names`` (several units, or "all") and follow: one stream of every
         named unit's output, each event naming its unit (both streams unless
         ``stream`` is given).
@@ -245,27 +251,33 @@ class Commands:
         if "names" in args:
             return await self._tail_many(args)
         name = args.get("name")
-        stream = args.get("stream", "stdout")
+        stream = args.get("stream")
         lines = arg(args, "lines", int, 10)
         follow = arg(args, "follow", bool, False)
         if not isinstance(name, str) or name not in self._engine.names():
             raise CommandError(BAD_NAME, f"no such unit: {name}", details=[str(name)])
-        if stream not in STREAMS:
+        if stream is not None and stream not in STREAMS:
             raise CommandError(BAD_ARGUMENTS, "'stream' must be 'stdout' or 'stderr'")
         if not 0 <= lines <= _MAX_TAIL_LINES:
             raise CommandError(BAD_ARGUMENTS, f"'lines' must be 0..{_MAX_TAIL_LINES}")
+        streams = STREAMS if stream is None else (stream,)
         # Follow before reading, so nothing printed in between is lost.
         follower = self._hub.follow(name) if follow else None
+        positions: dict[str, int] = {}
+        parts = []
         try:
-            first = await self._agent.tail_log(name, stream, lines)
+            for one in streams:
+                read = await self._agent.tail_log(name, one, lines)
+                positions[one] = read.end
+                parts.append({"stream": one, "data": read.data.decode("utf-8", "replace")})
         except BaseException:
             if follower is not None:
                 follower.close()
             raise
-        first_event = {"data": first.data.decode("utf-8", "replace"), "missed": 0}
+        first = {"data": parts[0]["data"], "missed": 0} if stream else {"parts": parts}
         if follower is None:
-            return first_event
-        return Stream(self._follow(follower, stream, first.end, first_event))
+            return first
+        return Stream(self._follow(follower, positions, first, tagged=stream is None))
 
     async def _tail_many(self, args: dict[str, Any]) -> Stream:
         names = self._select(args, empty_means_all=False)
@@ -284,20 +296,26 @@ class Commands:
 
     @staticmethod
     async def _follow(
-        follower: ChunkFollower, stream: str, position: int, first: dict[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]:
+        follower: ChunkFollower, positions: dict[str, int], first: dict[str, Any], *, tagged: bool
+    ) -> AsyncIterator[dict[str, Any] | LogData]:
+        """``first``, then each chunk of the followed streams past ``positions``;
+        ``tagged`` events name their stream (more than one is followed)."""
         try:
             yield first
             async for chunk in follower.chunks():
-                if chunk.stream != stream:
+                position = positions.get(chunk.stream)
+                if position is None:
                     continue
                 end = chunk.offset + len(chunk.data)
                 if end <= position:
                     continue  # already sent with the first read
                 missed = max(0, chunk.offset - position)
                 data = chunk.data[max(0, position - chunk.offset) :]
-                position = end
-                yield LogData(data, missed)
+                positions[chunk.stream] = end
+                if tagged:
+                    yield {**LogData(data, missed).as_json(), "stream": chunk.stream}
+                else:
+                    yield LogData(data, missed)
         finally:
             follower.close()
 

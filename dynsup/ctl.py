@@ -257,12 +257,44 @@ def format_avail(result: dict[str, Any]) -> Output:
     )
 
 
-def format_tail(result: dict[str, Any] | None) -> Output:
+def format_tail(result: dict[str, Any] | None, labels: StreamLabels | None = None) -> Output:
+    """One tail reply: a stream's text, or both streams' (``parts``, or an event
+    naming its ``stream``) with `==> stderr <==` where the output switches."""
     if not result:
         return Output()
     missed = result.get("missed", 0)
     err = f"dynsupctl: [{missed} bytes missed]\n" if missed else ""
+    if "parts" in result or "stream" in result:
+        labels = labels or StreamLabels()
+        parts = result.get("parts") or [result]
+        return Output(labels.render(parts), EXIT_OK, err)
     return Output(result.get("data", ""), EXIT_OK, err)
+
+
+class StreamLabels:
+    """Both streams of one unit as one text, unprefixed. While only one stream
+    has printed, its text is shown as is (a Dynamo process: stderr only); once
+    both have, a coreutils-style `==> stderr <==` line leads each switch."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+        self.labelled = False
+        self.line_open = False  # the last text shown did not end its line
+
+    def render(self, parts: list[dict[str, Any]]) -> str:
+        spoken = [p for p in parts if p.get("data")]
+        if len({p.get("stream") for p in spoken}) > 1:
+            self.labelled = True  # both at once (the past lines): label from the first
+        out = []
+        for part in spoken:
+            stream, data = str(part.get("stream")), str(part["data"])
+            if self.last is not None and stream != self.last:
+                self.labelled = True
+            if self.labelled and stream != self.last:
+                out.append(("\n" if self.line_open else "") + f"==> {clean(stream)} <==\n")
+            out.append(data)
+            self.last, self.line_open = stream, not data.endswith("\n")
+        return "".join(out)
 
 
 def format_error(exc: CommandError) -> Output:
@@ -334,27 +366,33 @@ def run_tail(client: Client, cmd: str, args: dict[str, Any], ns: argparse.Namesp
         return client.call(cmd, args)
     replies: ReplyStream = client.stream(cmd, args, timeout=None)
     prefixer = Prefixer(sys.stdout, args["names"]) if "names" in args else None
+    labels = StreamLabels()
     try:
         for event in replies:
-            show_tail_event(event, ns.json, prefixer)
+            show_tail_event(event, ns.json, prefixer, labels)
     except KeyboardInterrupt:
         return None  # the way out of tail -f: quietly, exit 0
     finally:
         if prefixer is not None:
             prefixer.flush()
     if replies.result:  # the daemon ended the stream (the unit went away)
-        show_tail_event(replies.result, ns.json, prefixer)
+        show_tail_event(replies.result, ns.json, prefixer, labels)
     return None
 
 
-def show_tail_event(event: dict[str, Any], as_json: bool, prefixer: Prefixer | None = None) -> None:
+def show_tail_event(
+    event: dict[str, Any],
+    as_json: bool,
+    prefixer: Prefixer | None = None,
+    labels: StreamLabels | None = None,
+) -> None:
     if as_json:
         print(json.dumps(event), flush=True)
         return
     if prefixer is not None and ("unit" in event or "units" in event):
         prefixer.write(event)
         return
-    out = format_tail(event)
+    out = format_tail(event, labels)
     sys.stdout.write(out.text)
     sys.stdout.flush()
     if out.err:
@@ -504,23 +542,22 @@ def _tail_arguments(parser: argparse.ArgumentParser) -> None:
         "names",
         nargs="+",
         metavar="NAME",
-        help='a unit [stdout|stderr]; with -f, several units or "all" (lines led by the name)',
+        help='a unit [stdout|stderr] (default: both); with -f, several units or "all"'
+        " (lines led by the name)",
     )
 
 
 def tail_request(ns: argparse.Namespace) -> dict[str, Any]:
-    """One unit: `tail NAME [stdout|stderr]`, as ever. Several (or all): follow only,
-    both streams unless the last word names one."""
+    """One unit: `tail NAME [stdout|stderr]`; both streams unless the last word
+    names one. Several (or all): follow only, both streams unless named too."""
     names, stream = list(ns.names), None
     if len(names) > 1 and names[-1] in ("stdout", "stderr"):
         stream = names.pop()
     if len(names) == 1 and names != ["all"]:
-        return {
-            "name": names[0],
-            "stream": stream or "stdout",
-            "lines": ns.lines,
-            "follow": ns.follow,
-        }
+        one: dict[str, Any] = {"name": names[0], "lines": ns.lines, "follow": ns.follow}
+        if stream is not None:
+            one["stream"] = stream
+        return one
     if not ns.follow:
         raise UsageError("several units are tailed with -f only")
     request = {"names": unit_names(names, required=True), "lines": ns.lines, "follow": True}

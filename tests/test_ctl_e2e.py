@@ -187,7 +187,7 @@ def test_pid_signal_version_avail(tmp_path: Path) -> None:
 def test_tail_and_tail_follow(tmp_path: Path) -> None:
     with run_dynsupd(tmp_path, make_units(tmp_path)) as daemon:
         wait_running(daemon, "talker")
-        done = daemon.ctl("tail", "-n", "3", "talker")
+        done = daemon.ctl("tail", "-n", "3", "talker", "stdout")
         lines = done.stdout.splitlines()
         assert done.returncode == 0 and len(lines) == 3
         assert all(line.startswith("out ") for line in lines)
@@ -197,7 +197,7 @@ def test_tail_and_tail_follow(tmp_path: Path) -> None:
         assert len(err) == 2 and all(line.startswith("err ") for line in err)
 
         follower = subprocess.Popen(
-            [DYNSUPCTL, "--socket", str(daemon.socket), "tail", "-f", "-n", "1", "talker"],
+            [DYNSUPCTL, "--socket", str(daemon.socket), "tail", "-f", "-n", "1", "talker", "stdout"],
             stdout=subprocess.PIPE,
             text=True,
         )
