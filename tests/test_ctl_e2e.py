@@ -197,7 +197,17 @@ def test_tail_and_tail_follow(tmp_path: Path) -> None:
         assert len(err) == 2 and all(line.startswith("err ") for line in err)
 
         follower = subprocess.Popen(
-            [DYNSUPCTL, "--socket", str(daemon.socket), "tail", "-f", "-n", "1", "talker", "stdout"],
+            [
+                DYNSUPCTL,
+                "--socket",
+                str(daemon.socket),
+                "tail",
+                "-f",
+                "-n",
+                "1",
+                "talker",
+                "stdout",
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -23,7 +23,7 @@ def run_demo(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_demo_fresh_removes_the_last_runs_state(tmp_path: Path) -> None:
     state = tmp_path / "demo-state"
     state.mkdir()
-    (state / "state.toml").write_text('format = 2\n[replicas]\ntiny = 5\n# end of dynsup state\n')
+    (state / "state.toml").write_text("format = 2\n[replicas]\ntiny = 5\n# end of dynsup state\n")
     kept = run_demo(state)
     assert kept.returncode == 0, kept.stderr
     assert (state / "state.toml").exists() and "tiny-4" in kept.stdout  # the state is used
