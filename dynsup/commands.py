@@ -62,7 +62,7 @@ ModelSource = Callable[[], Mapping[str, str]]
 StartCheck = Callable[[Mapping[str, ServiceSpec], Iterable[str]], Awaitable[None]]
 
 
-def unit_info(snap: UnitStatus, last_error: str | None, gpus: list[str]) -> dict[str, Any]:
+def unit_info(snap: UnitStatus, last_line: str | None, gpus: list[str]) -> dict[str, Any]:
     uptime = None
     if snap.state is State.RUNNING and snap.started_at is not None:
         uptime = max(0.0, time.time() - snap.started_at)
@@ -78,7 +78,7 @@ def unit_info(snap: UnitStatus, last_error: str | None, gpus: list[str]) -> dict
         "exit_status": snap.exit_status,
         "reason": snap.reason,
         "restarts": snap.restarts,
-        "last_error": last_error,
+        "last_line": last_line,  # the last stderr line (`status -v`)
         "wanted": snap.wanted,
         "blocked": snap.blocked,
     }
@@ -176,9 +176,9 @@ class Commands:
 
     async def _info(self, name: str) -> dict[str, Any]:
         snap = self._engine.statistics([name])[0]
-        return unit_info(snap, await self._last_error(name), list(snap.gpus))
+        return unit_info(snap, await self._last_line(name), list(snap.gpus))
 
-    async def _last_error(self, name: str) -> str | None:
+    async def _last_line(self, name: str) -> str | None:
         try:
             read = await self._agent.tail_log(name, "stderr", 1)
         except AgentError:
@@ -378,7 +378,7 @@ class Commands:
             async for snap in changes:
                 if snap.name not in watched:
                     continue
-                # Progress only (the final answer carries each unit's last error):
+                # Progress only (the final answer carries each unit's last line):
                 # a tail read per event would cost an agent call per transition.
                 yield unit_info(snap, None, list(snap.gpus))
                 if _settled(snap):

@@ -106,8 +106,12 @@ def resource_extras(unit: dict[str, Any]) -> list[str]:
     return extras
 
 
-def describe_unit(unit: dict[str, Any], *, show_node: bool = False) -> str:
-    """The DESCRIPTION column: supervisorctl's words, plus what dynsup knows besides."""
+def describe_unit(unit: dict[str, Any], *, show_node: bool = False, last_line: bool = False) -> str:
+    """The DESCRIPTION column: supervisorctl's words, plus what dynsup knows besides.
+
+    ``last:`` is how the last process ended (a running unit that was restarted);
+    the unit's last stderr line (usually an INFO line) only with ``last_line``.
+    """
     state = unit.get("state")
     extras = resource_extras(unit)
     if unit.get("restarts"):
@@ -116,7 +120,12 @@ def describe_unit(unit: dict[str, Any], *, show_node: bool = False) -> str:
         extras.append("gpus " + ",".join(str(g) for g in unit["gpus"]))
     if show_node and unit.get("node"):
         extras.append(f"node {clean(unit['node'])}")
+    line = clean(unit.get("last_line") or "") if last_line else ""
     if state == "RUNNING":
+        if unit.get("restarts") and unit.get("exit_status"):
+            extras.append("last: " + trim(clean(unit["exit_status"])))
+        if line:
+            extras.append("last line: " + trim(line))
         return ", ".join(
             [f"pid {unit.get('pid')}", f"uptime {format_uptime(unit.get('uptime'))}", *extras]
         )
@@ -132,12 +141,12 @@ def describe_unit(unit: dict[str, Any], *, show_node: bool = False) -> str:
     if not parts and state == "STOPPED":
         parts.append("Not started")
     parts += extras
-    if unit.get("last_error"):
-        parts.append("last: " + trim(clean(unit["last_error"])))
+    if line:
+        parts.append("last line: " + trim(line))
     return "; ".join(parts)
 
 
-def format_status(result: dict[str, Any]) -> Output:
+def format_status(result: dict[str, Any], *, last_line: bool = False) -> Output:
     units = result.get("units", [])
     if not units:
         return Output("No units\n")
@@ -145,7 +154,7 @@ def format_status(result: dict[str, Any]) -> Output:
     nodes = {u.get("node") for u in units if u.get("node")}
     lines = [
         f"{clean(u['name']).ljust(name_width)}{clean(u['state']).ljust(10)}"
-        f"{describe_unit(u, show_node=len(nodes) > 1)}".rstrip()
+        f"{describe_unit(u, show_node=len(nodes) > 1, last_line=last_line)}".rstrip()
         for u in units
     ]
     code = EXIT_OK if all(u["state"] == "RUNNING" for u in units) else EXIT_NOT_RUNNING
@@ -162,8 +171,8 @@ def _start_error(unit: dict[str, Any]) -> str:
         what = f"abnormal termination: {detail}"
     else:
         what = f"{unit['state']}: {reason}" if reason else unit["state"]
-    if unit.get("last_error"):
-        what += "; last: " + trim(clean(unit["last_error"]), 80)
+    # Not the last stderr line (an INFO line, as often as not): the exit and the
+    # reason say what happened; `status -v` and `tail` show the output.
     return what
 
 
@@ -526,6 +535,13 @@ def _names_arguments(
     return add
 
 
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    _names_arguments(required=False)(parser)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also each unit's last stderr line"
+    )
+
+
 def _signal_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("signal", metavar="SIG", help="HUP, SIGHUP, USR1, 15, ...")
     parser.add_argument("names", nargs="+", metavar="NAME", help='unit names, or "all"')
@@ -626,8 +642,8 @@ VERBS: dict[str, Verb] = {
     "status": Verb(
         "show units (exit 3 if one is not running)",
         lambda ns: {"names": unit_names(ns.names)},
-        lambda result, ns: format_status(result),
-        _names_arguments(required=False),
+        lambda result, ns: format_status(result, last_line=ns.verbose),
+        _status_arguments,
     ),
     "start": Verb(
         "start units and wait until they run",

@@ -25,7 +25,7 @@ def unit(name: str, state: str, **fields: Any) -> dict[str, Any]:
         "exit_status": None,
         "reason": "",
         "restarts": 0,
-        "last_error": None,
+        "last_line": None,
         "wanted": True,
     }
     return base | fields
@@ -39,7 +39,7 @@ CRASHING = unit(
     reason="exit status 1; restart in 0.4s",
     restarts=3,
     gpus=[0, 1],
-    last_error="ValueError: boom",
+    last_line="INFO engine: step 7",
 )
 NEVER = unit("frontend", "STOPPED", wanted=False)
 
@@ -51,11 +51,23 @@ def test_status_columns_like_supervisorctl() -> None:
     out = ctl.format_status({"units": [RUNNING, CRASHING, NEVER]})
     assert out.text.splitlines() == [
         "etcd      RUNNING   pid 4242, uptime 0:03:04",
-        "worker-0  BACKOFF   exit status 1; restart in 0.4s; restarts 3; gpus 0,1;"
-        " last: ValueError: boom",
+        "worker-0  BACKOFF   exit status 1; restart in 0.4s; restarts 3; gpus 0,1",
         "frontend  STOPPED   Not started",
     ]
     assert out.code == ctl.EXIT_NOT_RUNNING
+
+
+def test_status_last_shows_how_a_restarted_unit_last_exited_not_its_last_log_line() -> None:
+    back = RUNNING | {"restarts": 2, "exit_status": "killed by SIGKILL", "last_line": "INFO ok"}
+    out = ctl.format_status({"units": [back, CRASHING]})
+    assert out.text.splitlines() == [
+        "etcd      RUNNING   pid 4242, uptime 0:03:04, restarts 2, last: killed by SIGKILL",
+        "worker-0  BACKOFF   exit status 1; restart in 0.4s; restarts 3; gpus 0,1",
+    ]
+    # `status -v`: the last stderr line too.
+    verbose = ctl.format_status({"units": [back, CRASHING]}, last_line=True).text.splitlines()
+    assert verbose[0].endswith("last: killed by SIGKILL, last line: INFO ok")
+    assert verbose[1].endswith("gpus 0,1; last line: INFO engine: step 7")
 
 
 def test_status_all_running_exits_0_and_shows_restarts() -> None:
@@ -88,15 +100,15 @@ def test_status_shows_nodes_only_when_units_span_several() -> None:
 
 
 def test_status_neutralises_terminal_escapes_from_children() -> None:
-    evil = CRASHING | {"last_error": "\x1b[2J\x1b]0;pwned\x07oops\r"}
-    text = ctl.format_status({"units": [evil]}).text
+    evil = CRASHING | {"last_line": "\x1b[2J\x1b]0;pwned\x07oops\r"}
+    text = ctl.format_status({"units": [evil]}, last_line=True).text
     assert "\x1b" not in text and "\x07" not in text and "\r" not in text
-    assert "last: ?[2J?]0;pwned?oops?" in text
+    assert "last line: ?[2J?]0;pwned?oops?" in text
 
 
-def test_status_trims_a_long_last_error() -> None:
-    long = CRASHING | {"last_error": "x" * 500}
-    line = ctl.format_status({"units": [long]}).text
+def test_status_trims_a_long_last_line() -> None:
+    long = CRASHING | {"last_line": "x" * 500}
+    line = ctl.format_status({"units": [long]}, last_line=True).text
     assert line.rstrip().endswith("...") and len(line) < 300
 
 
@@ -114,14 +126,14 @@ def test_start_results() -> None:
         "FATAL",
         exit_status="exit status 1",
         reason="exit status 1; start limit: more than 5 starts within 60s",
-        last_error="Traceback (most recent call last):",
+        last_line="INFO worker: shutting down",
     )
     out = ctl.format_started({"units": [RUNNING, fatal, died]})
     assert out.text.splitlines() == [
         "etcd: started",
         "nats: ERROR (spawn error: cannot spawn: no such file)",
         "w: ERROR (abnormal termination: exit status 1; start limit: more than 5 starts"
-        " within 60s; last: Traceback (most recent call last):)",
+        " within 60s)",
     ]
     assert out.code == ctl.EXIT_FAILED
     assert ctl.format_started({"units": [RUNNING]}).code == ctl.EXIT_OK
