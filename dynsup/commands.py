@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import structlog
 
 from . import __version__
 from .agent_api import Agent, AgentError
@@ -46,6 +47,8 @@ from .statefile import DesiredState, StateWriteError
 from .units import UnitErrors
 from .units.spec import ServiceSpec
 from .watch import follow_units, state_events
+
+log = structlog.get_logger("dynsup.commands")
 
 PROTOCOL_VERSION = 1
 STREAMS = ("stdout", "stderr")
@@ -442,22 +445,69 @@ class Commands:
         dry_run = arg(args, "dry_run", bool, False)
         wanted = names_arg(args)
         if dry_run:
+            dropped, kept = await self._scale_overrides(drop_stale=not wanted)
             return {
-                **plan_result(self._engine.plan(await self._update_specs(wanted))),
+                **plan_result(self._engine.plan(await self._update_specs(wanted, kept))),
                 "applied": False,
+                "overrides_dropped": dropped,
             }
         async with self._writing:
             self._check_running()
-            new_specs = await self._update_specs(wanted)
+            # A whole update lets a changed `replicas` in a file win over `scale`.
+            dropped, kept = await self._scale_overrides(drop_stale=not wanted)
+            new_specs = await self._update_specs(wanted, replicas=kept)
             await self._check_starts(new_specs)
             await self._save(self._desired.forget_except, set(new_specs))
+            if dropped:
+                await self._save(self._desired.drop_replicas, [d["pool"] for d in dropped])
+                for drop in dropped:
+                    log.warning("scale.override_dropped", **drop)
             plan = await self._engine.apply(new_specs)
-        return {**plan_result(plan), "applied": True}
+        in_force = await self._overrides_in_force()
+        for override in in_force:
+            log.warning("scale.override_in_force", **override)
+        return {
+            **plan_result(plan),
+            "applied": True,
+            "overrides_dropped": dropped,
+            "overrides": in_force,
+        }
 
-    async def _update_specs(self, wanted: list[str]) -> dict[str, ServiceSpec]:
+    async def _scale_overrides(self, *, drop_stale: bool) -> tuple[list[dict[str, Any]], Any]:
+        """The `scale` overrides whose unit file changed since (to drop), and the
+        counts to read the files with (None: every saved one)."""
+        saved = dict(self._desired.replicas)
+        if not drop_stale or not (self._desired.replicas_file.keys() & saved.keys()):
+            return [], None
+        in_file = await self._read_specs(replicas={})
+        dropped, kept = [], {}
+        for pool, count in saved.items():
+            made_against = self._desired.replicas_file.get(pool)
+            now = _pool_size(in_file, pool)
+            if made_against is not None and now != made_against:
+                dropped.append({"pool": pool, "replicas": count, "was": made_against, "file": now})
+            else:
+                kept[pool] = count
+        return dropped, kept
+
+    async def _overrides_in_force(self) -> list[dict[str, Any]]:
+        """Each `scale` override that differs from its unit file's count."""
+        saved = dict(self._desired.replicas)
+        if not saved:
+            return []
+        in_file = await self._read_specs(replicas={})
+        return [
+            {"pool": pool, "replicas": count, "file": _pool_size(in_file, pool)}
+            for pool, count in sorted(saved.items())
+            if count != _pool_size(in_file, pool)
+        ]
+
+    async def _update_specs(
+        self, wanted: list[str], replicas: Mapping[str, int] | None = None
+    ) -> dict[str, ServiceSpec]:
         """The specs an update applies: the whole directory, validated as a whole;
         with names, only those move (each must be a unit loaded or in the files)."""
-        new_specs = dict(await self._read_specs())
+        new_specs = dict(await self._read_specs(replicas=replicas))
         if wanted:
             unknown = [n for n in wanted if n not in new_specs and n not in self._engine.specs]
             if unknown:
@@ -480,12 +530,19 @@ class Commands:
             await self._engine.heal([n for n in names if n in self._engine.specs], reason)
 
     async def scale(self, args: dict[str, Any]) -> dict[str, Any]:
-        """`scale MODEL[:ROLE] N`: add or remove replicas, touching no other unit."""
+        """`scale MODEL[:ROLE] N`: add or remove replicas, touching no other unit.
+        With ``reset``: back to the unit file's count (the override is dropped).
+
+        The file's count at the time is saved with the override: a later change
+        of `replicas` in the file wins at the next `update`."""
         target = args.get("name")
         count = args.get("replicas")
+        reset = arg(args, "reset", bool, False)
         if not isinstance(target, str) or not target:
             raise CommandError(BAD_ARGUMENTS, "'name' must be MODEL or MODEL:ROLE")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        if reset and count is not None:
+            raise CommandError(BAD_ARGUMENTS, "give 'replicas' or 'reset', not both")
+        if not reset and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
             raise CommandError(BAD_ARGUMENTS, "'replicas' must be an integer >= 0")
         model, _, role = target.partition(":")
         modes = self._models()
@@ -500,7 +557,12 @@ class Commands:
             raise CommandError(BAD_ARGUMENTS, f"{model} is aggregated: scale {model} N")
         async with self._writing:
             self._check_running()
-            replicas = {**self._desired.replicas, target: count}
+            in_file = _pool_size(await self._read_specs(replicas={}), target)
+            if count == in_file:
+                reset = True  # what the file says: no override to keep
+            replicas = {k: v for k, v in self._desired.replicas.items() if k != target}
+            if not reset:
+                replicas[target] = count
             new_specs = dict(await self._read_specs(replicas=replicas))
             prefix = f"{model}-{role}-" if role else f"{model}-"
             current = self._engine.specs
@@ -508,17 +570,23 @@ class Commands:
             merged = {n: s for n, s in current.items() if not _worker_of(n, prefix)}
             merged.update({n: s for n, s in new_specs.items() if _worker_of(n, prefix)})
             await self._check_starts(merged)
-            before = self._desired.replicas.get(target)
-            await self._save(self._desired.set_replicas, target, count)
+            before = (self._desired.replicas.get(target), self._desired.replicas_file.get(target))
+            saved = (None, None) if reset else (count, in_file)
+            await self._save(self._desired.set_replicas, target, *saved)
             try:
                 plan = await self._engine.apply(merged)
             except BaseException:
                 # Refused: the saved count must not outlive the refusal. If even
                 # that write fails, the refusal is still what the client hears.
                 with anyio.CancelScope(shield=True), contextlib.suppress(CommandError):
-                    await self._save(self._desired.set_replicas, target, before)
+                    await self._save(self._desired.set_replicas, target, *before)
                 raise
-        return {**plan_result(plan), "applied": True, "replicas": count}
+        return {
+            **plan_result(plan),
+            "applied": True,
+            "replicas": in_file if reset else count,
+            "reset": reset,
+        }
 
     async def gpus(self, args: dict[str, Any]) -> dict[str, Any]:
         if self._gpu_table is None:
@@ -578,6 +646,13 @@ def _saving() -> Iterator[None]:
         yield
     except StateWriteError as exc:
         raise CommandError(FAILED, f"{exc}; nothing was changed") from None
+
+
+def _pool_size(specs: Mapping[str, ServiceSpec], pool: str) -> int:
+    """How many replicas specs give a pool ("MODEL" or "MODEL:ROLE")."""
+    model, _, role = pool.partition(":")
+    prefix = f"{model}-{role}-" if role else f"{model}-"
+    return sum(1 for name in specs if _worker_of(name, prefix))
 
 
 def _worker_of(name: str, prefix: str) -> bool:

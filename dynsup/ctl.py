@@ -233,23 +233,39 @@ def format_reread(result: dict[str, Any]) -> Output:
 
 
 def format_update(result: dict[str, Any]) -> Output:
+    """update/scale: supervisorctl's lines, then what became of `scale` overrides:
+    those a changed unit file dropped (stdout) and those still in force (a
+    warning on stderr: the file's `replicas` is not what runs)."""
     removed = sorted(result.get("removed", []))
     changed = sorted(result.get("changed", {}).items())
     added = sorted(result.get("added", []))
-    if not (removed or changed or added):
-        return Output("No config updates to processes\n")
+    applied = result.get("applied", False)
     lines: list[str] = []
-    if not result.get("applied", False):
+    if not (removed or changed or added):
+        lines.append("No config updates to processes")
+    elif not applied:
         lines += [f"{clean(n)}: would remove process group" for n in removed]
         lines += [f"{clean(n)}: would update process group ({', '.join(f)})" for n, f in changed]
         lines += [f"{clean(n)}: would add process group" for n in added]
-        return Output(_lines(lines))
-    for name in removed:
-        lines += [f"{clean(name)}: stopped", f"{clean(name)}: removed process group"]
-    for name, _fields in changed:
-        lines += [f"{clean(name)}: stopped", f"{clean(name)}: updated process group"]
-    lines += [f"{clean(name)}: added process group" for name in added]
-    return Output(_lines(lines))
+    else:
+        for name in removed:
+            lines += [f"{clean(name)}: stopped", f"{clean(name)}: removed process group"]
+        for name, _fields in changed:
+            lines += [f"{clean(name)}: stopped", f"{clean(name)}: updated process group"]
+        lines += [f"{clean(name)}: added process group" for name in added]
+    for drop in result.get("overrides_dropped", []):
+        lines.append(
+            f"{clean(drop['pool'])}: {'would drop' if not applied else 'dropped'} scale override"
+            f" of {drop['replicas']}: the unit file now says {drop['file']} replicas"
+            f" (it said {drop['was']} when scaled)"
+        )
+    warnings = [
+        f"dynsupctl: WARNING: {clean(o['pool'])}: scale override in force: {o['replicas']}"
+        f" replicas, the unit file says {o['file']}"
+        f" ('dynsupctl scale {clean(o['pool'])} --reset' drops it)"
+        for o in result.get("overrides", [])
+    ]
+    return Output(_lines(lines), EXIT_OK, _lines(warnings))
 
 
 def format_avail(result: dict[str, Any]) -> Output:
@@ -611,7 +627,18 @@ def _shutdown_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _scale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="MODEL[:ROLE]")
-    parser.add_argument("replicas", type=int, metavar="N")
+    parser.add_argument("replicas", type=int, metavar="N", nargs="?")
+    parser.add_argument(
+        "--reset", action="store_true", help="drop the override: the unit file's count again"
+    )
+
+
+def scale_request(ns: argparse.Namespace) -> dict[str, Any]:
+    if ns.reset == (ns.replicas is not None):
+        raise UsageError("give N or --reset")
+    if ns.reset:
+        return {"name": ns.name, "reset": True}
+    return {"name": ns.name, "replicas": ns.replicas}
 
 
 def format_gpus(result: dict[str, Any]) -> Output:
@@ -724,8 +751,8 @@ VERBS: dict[str, Verb] = {
         run_waiting,
     ),
     "scale": Verb(
-        "set a model's replica count (MODEL or MODEL:prefill|decode)",
-        lambda ns: {"name": ns.name, "replicas": ns.replicas},
+        "set a model's replica count (MODEL or MODEL:prefill|decode); --reset: the file's",
+        scale_request,
         lambda result, ns: format_update(result),
         _scale_arguments,
         run_waiting,

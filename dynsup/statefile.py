@@ -2,9 +2,10 @@
 
 ``state.toml`` in the state directory::
 
-    format = 2
+    format = 3
     [wanted]            # unit name -> started (true) or stopped (false) by hand
     [replicas]          # "MODEL" or "MODEL:ROLE" -> count set by `dynsupctl scale`
+    [replicas_file]     # the same keys -> the unit file's count when it was set
     [port_blocks]       # model unit -> first port of its block
     # end of dynsup state
 
@@ -43,7 +44,9 @@ from .units.tomlfile import TomlFileError, parse_toml, read_limited
 log = structlog.get_logger("dynsup.state")
 
 STATE_FILE = "state.toml"
-FORMAT = 2  # 1: files without "format" and the end marker (read as they are)
+# 1: files without "format" and the end marker; 2: without [replicas_file]
+# (read as they are: an override with no file count is never dropped by itself).
+FORMAT = 3
 END_MARK = "# end of dynsup state\n"
 # The names a unit file may give a unit (units.loader), with ":ROLE" for replicas.
 _UNIT_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
@@ -66,6 +69,9 @@ class DesiredState:
         self.overrides: dict[str, bool] = {}
         # `dynsupctl scale MODEL[:ROLE] N`: replica counts that override the unit files.
         self.replicas: dict[str, int] = {}
+        # The unit file's count each override was made against: once the file
+        # says something else, the file wins (`update` drops the override).
+        self.replicas_file: dict[str, int] = {}
         # Each model unit's port block, kept across reloads and restarts.
         self.port_blocks: dict[str, int] = {}
         # Changes are written from worker threads (fsync stays off the event
@@ -86,7 +92,9 @@ class DesiredState:
                 state._set_aside(str(exc))
             return state
         try:
-            state.overrides, state.replicas, state.port_blocks = _validate(parse_toml(data), data)
+            (state.overrides, state.replicas, state.replicas_file, state.port_blocks) = _validate(
+                parse_toml(data), data
+            )
         except (TomlFileError, CorruptState) as exc:
             if not read_only:
                 state._set_aside(str(exc))
@@ -131,14 +139,27 @@ class DesiredState:
             if overrides != self.overrides:
                 self._commit(overrides=overrides)
 
-    def set_replicas(self, key: str, count: int | None) -> None:
-        """Save a pool's replica count (None: back to the unit file's)."""
+    def set_replicas(self, key: str, count: int | None, file_count: int | None = None) -> None:
+        """Save a pool's replica count, made against the unit file's ``file_count``
+        (None: back to the unit file's)."""
         with self._lock:
-            if self.replicas.get(key) != count:
-                replicas = {k: v for k, v in self.replicas.items() if k != key}
-                if count is not None:
-                    replicas[key] = count
-                self._commit(replicas=replicas)
+            replicas = {k: v for k, v in self.replicas.items() if k != key}
+            against = {k: v for k, v in self.replicas_file.items() if k != key}
+            if count is not None:
+                replicas[key] = count
+                if file_count is not None:
+                    against[key] = file_count
+            if (replicas, against) != (self.replicas, self.replicas_file):
+                self._commit(replicas=replicas, replicas_file=against)
+
+    def drop_replicas(self, keys: Iterable[str]) -> None:
+        """Back to the unit files' counts for these pools, in one write."""
+        with self._lock:
+            gone = set(keys)
+            replicas = {k: v for k, v in self.replicas.items() if k not in gone}
+            against = {k: v for k, v in self.replicas_file.items() if k not in gone}
+            if (replicas, against) != (self.replicas, self.replicas_file):
+                self._commit(replicas=replicas, replicas_file=against)
 
     def remember_port_blocks(self, blocks: Mapping[str, int]) -> None:
         """The blocks of the models that exist now (a removed model's is forgotten)."""
@@ -157,15 +178,17 @@ class DesiredState:
         *,
         overrides: dict[str, bool] | None = None,
         replicas: dict[str, int] | None = None,
+        replicas_file: dict[str, int] | None = None,
         port_blocks: dict[str, int] | None = None,
     ) -> None:
         new = (
             self.overrides if overrides is None else overrides,
             self.replicas if replicas is None else replicas,
+            self.replicas_file if replicas_file is None else replicas_file,
             self.port_blocks if port_blocks is None else port_blocks,
         )
         write_atomically(self.path, _render(*new))
-        self.overrides, self.replicas, self.port_blocks = new
+        self.overrides, self.replicas, self.replicas_file, self.port_blocks = new
 
 
 def write_atomically(path: Path, payload: str) -> None:
@@ -193,11 +216,17 @@ def write_atomically(path: Path, payload: str) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def _render(overrides: dict[str, bool], replicas: dict[str, int], blocks: dict[str, int]) -> str:
+def _render(
+    overrides: dict[str, bool],
+    replicas: dict[str, int],
+    replicas_file: dict[str, int],
+    blocks: dict[str, int],
+) -> str:
     document = {
         "format": FORMAT,
         "wanted": dict(sorted(overrides.items())),
         "replicas": dict(sorted(replicas.items())),
+        "replicas_file": dict(sorted(replicas_file.items())),
         "port_blocks": dict(sorted(blocks.items())),
     }
     return tomli_w.dumps(document) + END_MARK
@@ -205,20 +234,26 @@ def _render(overrides: dict[str, bool], replicas: dict[str, int], blocks: dict[s
 
 def _validate(
     document: dict[str, Any], raw: bytes
-) -> tuple[dict[str, bool], dict[str, int], dict[str, int]]:
-    """The three tables of a state file, checked; raises CorruptState."""
-    unknown = set(document) - {"format", "wanted", "replicas", "port_blocks"}
+) -> tuple[dict[str, bool], dict[str, int], dict[str, int], dict[str, int]]:
+    """The four tables of a state file, checked; raises CorruptState."""
+    unknown = set(document) - {"format", "wanted", "replicas", "replicas_file", "port_blocks"}
     if unknown:
         raise CorruptState(f"unknown keys: {_cut(', '.join(sorted(unknown)))}")
     version = document.get("format", 1)
-    if version not in (1, FORMAT) or isinstance(version, bool):
-        raise CorruptState(f"format: expected 1 or {FORMAT}, got {_cut(version)}")
-    if version == FORMAT and not raw.endswith(END_MARK.encode()):
+    if version not in (1, 2, FORMAT) or isinstance(version, bool):
+        raise CorruptState(f"format: expected 1 to {FORMAT}, got {_cut(version)}")
+    if version < FORMAT and "replicas_file" in document:
+        raise CorruptState(f"replicas_file: not in a format {version} file")
+    if version >= 2 and not raw.endswith(END_MARK.encode()):
         raise CorruptState("truncated: the end marker is missing")
     wanted = _table(document, "wanted", _UNIT_NAME, lambda v: isinstance(v, bool), "a boolean")
     replicas = _table(document, "replicas", _POOL, _count(0, MAX_INT), "an integer >= 0")
+    against = _table(document, "replicas_file", _POOL, _count(0, MAX_INT), "an integer >= 0")
+    stray = sorted(set(against) - set(replicas))
+    if stray:
+        raise CorruptState(f"replicas_file: {_cut(stray)} has no count in replicas")
     blocks = _table(document, "port_blocks", _UNIT_NAME, _count(1, 65535), "a port 1..65535")
-    return wanted, replicas, blocks
+    return wanted, replicas, against, blocks
 
 
 def _count(low: int, high: int) -> Any:
