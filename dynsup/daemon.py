@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -47,7 +48,7 @@ from .dynamo.admission import admitted
 from .dynamo.canary import watch_models
 from .dynamo.drain import drain
 from .dynamo.withdraw import withdraw_dead, withdraw_leftovers, withdraw_unit
-from .engine import Engine, OutputHub, State, UnitStatus
+from .engine import Engine, OutputHub, State, UnitStatus, UnknownUnit
 from .engine.states import UP_OR_GAVE_UP
 from .gpucheck import GpusFreedCheck
 from .gpumem import open_probe
@@ -250,6 +251,34 @@ async def report_to_systemd(engine: Engine, notifier: Notifier, wanted: set[str]
         await anyio.sleep(1 / STATUS_RATE)  # a burst of changes makes one report
 
 
+def endpoints(specs: Mapping[str, ServiceSpec]) -> dict[str, str]:
+    """The OpenAI URL each router unit (Dynamo's frontend) serves: unit -> URL."""
+    routers = {s.registry.router for s in specs.values() if s.registry and s.registry.router}
+    found = {}
+    for router in routers:
+        port = urlsplit(router).port
+        for name, spec in specs.items():
+            if port in spec.ports:
+                found[name] = f"{router}/v1"
+    return found
+
+
+async def announce_endpoints(engine: Engine) -> None:
+    """Say where the OpenAI endpoint listens, each time its frontend is RUNNING."""
+    with engine.subscribe() as changes:
+        async for snap in changes:
+            if snap.state is not State.RUNNING:
+                continue
+            try:
+                # Only a unit that binds ports can be a router (cheap to ask first).
+                ports = engine.spec(snap.name).ports
+            except UnknownUnit:
+                continue  # removed by an update since
+            url = endpoints(engine.specs).get(snap.name) if ports else None
+            if url is not None:
+                log.info("daemon.endpoint", unit=snap.name, url=url)
+
+
 async def keep_running(name: str, task: Callable[..., Awaitable[Any]], *args: Any) -> None:
     """Run a background task of the daemon; if it fails, log why and run it again.
 
@@ -394,6 +423,7 @@ class Daemon:
                 tg.start_soon(keep_running, "journal_flush", flush_journal_on_exit, engine, journal)
                 tg.start_soon(keep_running, "journal_backlog", journal.sender.run_backlog)
             tg.start_soon(keep_running, "watchdog", notifier.run_watchdog)
+            tg.start_soon(keep_running, "endpoints", announce_endpoints, engine)
             wanted = {n for n, spec in self.specs.items() if desired.wants(n, spec.autostart)}
             tg.start_soon(keep_running, "systemd", report_to_systemd, engine, notifier, wanted)
             tg.start_soon(

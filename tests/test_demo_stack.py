@@ -298,6 +298,9 @@ def test_kv_router_two_mockers_serve_chat_and_completions(
             check_chat(api, f"prompt number {i} " * (i + 1))
         models = [m.id for m in api.models.list().data]
         assert models == [MODEL]
+        # The daemon says where the endpoint listens.
+        endpoint = daemon.wait_event(lambda e: e.get("event") == "daemon.endpoint")
+        assert endpoint == {**endpoint, "unit": "frontend", "url": stack.base_url}
         text = daemon.ctl("status")
         assert text.returncode == 0, text.stdout + text.stderr
         lines = {line.split()[0]: line.split()[1] for line in text.stdout.splitlines()}

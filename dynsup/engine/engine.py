@@ -197,6 +197,9 @@ class Engine:
     def specs(self) -> dict[str, ServiceSpec]:
         return {name: unit.spec for name, unit in self._units.items()}
 
+    def spec(self, name: str) -> ServiceSpec:
+        return self._get(name).spec
+
     def names(self) -> list[str]:
         return list(self._units)
 
