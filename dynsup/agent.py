@@ -3,9 +3,9 @@
 Its public methods are the `Agent` contract (async, plain data in and out),
 so the very same class can be hosted by a Ray actor on another node.
 It owns a task group: one watcher per process (leader exit, then clean-up
-of anything the leader left behind) and one reader per pipe. Pipes are
-always drained into bounded ring buffers, so a child never blocks on a
-slow supervisor or a slow `tail`.
+of anything the leader left behind) and one `PipeReader` for every pipe.
+Pipes are always drained into bounded ring buffers, so a child never
+blocks on a slow supervisor or a slow `tail`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import signal
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 
 import anyio
@@ -36,7 +37,7 @@ from .agent_api import (
 from .cgroups import AgentCgroups, CgroupUnavailable, enabled_by_env
 from .lineage import SAMPLE_INTERVAL, Known, Lineage
 from .logs import LogStore
-from .logs.pump import pump_pipe
+from .logs.pump import PipeReader
 from .process import TOKEN_VAR, ProcessGroup, become_subreaper, signal_by_name
 from .warden import Warden
 
@@ -87,7 +88,7 @@ class _Hosted:
     leader_gone: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)  # the leader and its group are gone
     status: ExitStatus | None = None  # the leader's, set once it exited
-    open_pipes: int = 2  # stdout and stderr, until their pumps read EOF
+    open_pipes: int = 2  # stdout and stderr, until the reader reads their EOF
     drained: anyio.Event = field(default_factory=anyio.Event)  # both pipes read to EOF
 
 
@@ -113,6 +114,7 @@ class LocalAgent:
         self.logs = LogStore(capacity=log_capacity)
         self._hosted: dict[str, _Hosted] = {}
         self._tg: TaskGroup | None = None
+        self._pipes: PipeReader | None = None
         self.subreaper = False
         self._want_cgroups = enabled_by_env() if cgroups is None else cgroups
         self.cgroups: AgentCgroups | None = None
@@ -133,8 +135,10 @@ class LocalAgent:
             if self._warden is not None:
                 self._warden.guard_cgroup(str(self.cgroups.root))
         self._lineage = Lineage(TOKEN_VAR, cgroup_root=mount_root)
+        self._pipes = PipeReader()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
+        self._tg.start_soon(self._pipes.run)
         if self.cgroups is not None:
             self._tg.start_soon(self.cgroups.run_events)
         self._tg.start_soon(self._sample)
@@ -157,6 +161,8 @@ class LocalAgent:
         try:
             return await self._tg.__aexit__(exc_type, exc, tb)
         finally:
+            assert self._pipes is not None
+            self._pipes.close()  # also when its task was cancelled before it ran
             if self.cgroups is not None:
                 self.cgroups.close()
 
@@ -194,9 +200,11 @@ class LocalAgent:
         self._lineage.add(name, group.pid, group.token)
         hosted = _Hosted(group, request.stop_signal, request.stop_timeout, request.tag)
         self._hosted[name] = hosted
-        assert self._tg is not None, "agent used outside its context"
-        self._tg.start_soon(self._pump, hosted, group.stdout_fd, "stdout")
-        self._tg.start_soon(self._pump, hosted, group.stderr_fd, "stderr")
+        assert self._tg is not None and self._pipes is not None, "agent used outside its context"
+        append = self.logs.append
+        closed = partial(self._pipe_closed, hosted)
+        self._pipes.add(group.stdout_fd, partial(append, name, "stdout", group.pid), closed)
+        self._pipes.add(group.stderr_fd, partial(append, name, "stderr", group.pid), closed)
         self._tg.start_soon(self._watch, hosted)
         return self._spawned(name, hosted)
 
@@ -305,12 +313,8 @@ class LocalAgent:
                 self._warden.guard_pids((k.pid, k.start) for k in fresh)
                 self._told_warden = seen
 
-    async def _pump(self, hosted: _Hosted, fd: int, stream: str) -> None:
-        """Drain one pipe until EOF: every byte goes to the ring buffers."""
-        group = hosted.group
-        try:
-            await pump_pipe(fd, lambda data: self.logs.append(group.name, stream, group.pid, data))
-        finally:
-            hosted.open_pipes -= 1
-            if hosted.open_pipes == 0:
-                hosted.drained.set()
+    @staticmethod
+    def _pipe_closed(hosted: _Hosted) -> None:
+        hosted.open_pipes -= 1
+        if hosted.open_pipes == 0:
+            hosted.drained.set()
