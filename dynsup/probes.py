@@ -32,7 +32,8 @@ import anyio
 
 from .units.spec import LiveSpec, ProbeKind, ReadySpec
 
-# A log probe reads the unit's output as it is printed.
+# A log probe reads the unit's output as it is printed: blocks of whole
+# lines joined by newlines (one block per read of the child's pipe).
 LineSource = Callable[[], AsyncIterator[str]]
 
 _MAX_BODY = 4 << 20
@@ -75,11 +76,33 @@ def _check(spec: ReadySpec) -> Awaitable[bool]:
 
 
 async def _wait_log(pattern: re.Pattern[str], lines: LineSource) -> None:
-    async for line in lines():
-        if pattern.search(line):
+    in_block = re.compile(pattern.pattern, pattern.flags | re.MULTILINE)
+    async for block in lines():
+        if search_lines(pattern, in_block, block):
             return
     # Output ended (the process exited): never ready; the exit is reported by the caller.
     await anyio.sleep_forever()
+
+
+def search_lines(pattern: re.Pattern[str], in_block: re.Pattern[str], block: str) -> bool:
+    """Whether pattern matches within one of the newline-separated lines of block.
+
+    ``in_block`` is pattern with re.MULTILINE (``^``/``$`` at each line's
+    ends): one scan of the whole block finds where a line may match; only
+    that line is then searched alone, so a match that spans lines (``\\s``
+    takes a newline) never counts.
+    """
+    pos = 0
+    while (found := in_block.search(block, pos)) is not None:
+        start = block.rfind("\n", 0, found.start()) + 1
+        end = block.find("\n", found.start())
+        end = len(block) if end < 0 else end
+        if pattern.search(block[start:end]):  # alone: "^" anchors at its start
+            return True
+        if end == len(block):
+            return False
+        pos = end + 1
+    return False
 
 
 def _host_port(target: str) -> tuple[str, int]:

@@ -1,8 +1,8 @@
-"""Unit output as lines, for the engine's log probes.
+"""Unit output for the engine's log probes and for `tail -f`.
 
 Whoever pumps chunks out of an agent publishes them here; a log probe
 subscribes before its process is spawned, so it cannot miss a line.
-Publishing never blocks: a subscriber that falls behind loses lines.
+Publishing never blocks: a subscriber that falls behind loses output.
 """
 
 from __future__ import annotations
@@ -20,20 +20,34 @@ _MAX_LINE = 64 * 1024
 # What a `tail -f` follower may have queued (its socket is slower than the
 # unit): the daemon's memory stays bounded under a flood.
 FOLLOW_BUDGET = 4 << 20
+# What a log probe may have queued: searching a block costs it far less
+# than the pump's read that made it, so it only lags on a busy loop.
+PROBE_BUDGET = 4 << 20
 
 
 class LineSubscription:
-    def __init__(self, hub: OutputHub, name: str, pid: int | None, buffer: int) -> None:
+    """A unit's output as blocks of whole lines, for a log probe.
+
+    Each block is the text of the complete lines a chunk ends (joined by
+    newlines, without the last one): a probe searches a block at once, in
+    C, instead of being woken for every line (a flood is a million lines a
+    second). Bounded in bytes: a probe that falls behind by more than
+    ``budget`` loses blocks.
+    """
+
+    def __init__(self, hub: OutputHub, name: str, pid: int | None, budget: int) -> None:
         self.name = name
         # None until the process is spawned: lines that arrive first are kept
         # and sorted out by pid once it is known (bind).
         self.pid = pid
+        self.budget = budget
+        self.queued = 0  # characters published and not yet taken
         self._early: list[LogChunk] = []
         self._hub = hub
         self._partial: dict[str, bytes] = {}
         self._send: MemoryObjectSendStream[str]
         self._receive: MemoryObjectReceiveStream[str]
-        self._send, self._receive = anyio.create_memory_object_stream[str](buffer)
+        self._send, self._receive = anyio.create_memory_object_stream[str](math.inf)
 
     def bind(self, pid: int) -> None:
         self.pid = pid
@@ -49,16 +63,25 @@ class LineSubscription:
             self.feed(chunk)
 
     def feed(self, chunk: LogChunk) -> None:
-        data = self._partial.pop(chunk.stream, b"") + chunk.data
-        *complete, rest = data.split(b"\n")
-        self._partial[chunk.stream] = rest[-_MAX_LINE:]
-        for raw in complete:
-            with contextlib.suppress(anyio.WouldBlock):
-                self._send.send_nowait(raw.decode("utf-8", "replace"))
+        held = self._partial.get(chunk.stream)
+        data = held + chunk.data if held else chunk.data
+        end = data.rfind(b"\n")
+        # An unfinished line is held (its last _MAX_LINE bytes) until its newline comes.
+        self._partial[chunk.stream] = data[end + 1 :][-_MAX_LINE:]
+        if end < 0:
+            return
+        block = data[:end].decode("utf-8", "replace")
+        if self.queued + len(block) > self.budget:
+            return  # lost: the probe is that far behind
+        self.queued += len(block)
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._send.send_nowait(block)
 
     async def lines(self) -> AsyncIterator[str]:
-        async for line in self._receive:
-            yield line
+        """Blocks of whole lines, joined by newlines, as they are printed."""
+        async for block in self._receive:
+            self.queued -= len(block)
+            yield block
 
     def close(self) -> None:
         self._hub.unsubscribe(self)
@@ -113,8 +136,8 @@ class OutputHub:
             if follower in followers:
                 followers.remove(follower)
 
-    def subscribe(self, name: str, pid: int | None, buffer: int = 4096) -> LineSubscription:
-        sub = LineSubscription(self, name, pid, buffer)
+    def subscribe(self, name: str, pid: int | None, budget: int = PROBE_BUDGET) -> LineSubscription:
+        sub = LineSubscription(self, name, pid, budget)
         self._subs.setdefault(name, []).append(sub)
         return sub
 
