@@ -7,6 +7,8 @@ import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -355,3 +357,55 @@ def test_large_entry_is_a_sealed_memfd(dgram_server: tuple[str, socket.socket]) 
     assert content == encode_entry(
         [("MESSAGE", message), ("PRIORITY", 6), ("SYSLOG_IDENTIFIER", "big")]
     )
+
+
+# The daemon logs from worker threads (state writes, /proc scans) into the
+# sender whose backlog is woken on the loop. Run in a child with asyncio's
+# debug checks: the old wake-up (an anyio.Event set off its loop) wedged
+# the loop there, so a hang must end as a failure, not hang the suite.
+THREAD_LOGGING = """
+import socket, sys, threading
+import anyio
+from dynsup.logs import JournalSender
+
+path, count = sys.argv[1], int(sys.argv[2])
+
+async def main() -> None:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.setblocking(False)
+    with server, JournalSender(path) as sender:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sender.run_backlog)
+            await anyio.wait_all_tasks_blocked()  # the backlog is empty: its sender waits
+
+            def log_in_a_thread() -> None:
+                for n in range(count):
+                    sender.send(f"event {n}", priority=6, identifier="dynsupd")
+
+            await anyio.to_thread.run_sync(log_in_a_thread)
+            assert sender.statistics().backlog > 0, "journald's queue never filled"
+            got = []
+            while len(got) < count:
+                await anyio.wait_readable(server)
+                got.append(server.recv(4096))
+            tg.cancel_scope.cancel()
+    for n, entry in enumerate(got):
+        fields = dict(line.split(b"=", 1) for line in entry.splitlines())
+        assert fields[b"MESSAGE"] == b"event %d" % n, (n, fields)
+    print("ok")
+
+anyio.run(main, backend_options={"debug": True})
+"""
+
+
+def test_a_worker_thread_logging_while_journald_is_full_wakes_the_backlog(
+    tmp_path: Path,
+) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", THREAD_LOGGING, str(tmp_path / "journal"), "300"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == 0 and child.stdout == "ok\n", child.stderr[-3000:]

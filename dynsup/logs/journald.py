@@ -9,7 +9,9 @@ The socket is non-blocking, and a unit's output never waits on journald:
 when journald's queue is full (only 10 datagrams by default,
 net.unix.max_dgram_qlen), entries wait in a bounded backlog that
 `JournalSender.run_backlog` sends as journald takes them; past the bound
-they are dropped and counted.
+they are dropped and counted. Any thread may send (the daemon logs its
+own events from worker threads too): a lock keeps the order, and an
+eventfd, not an event of the loop, wakes the backlog's sender.
 
 `UnitOutputForwarder` turns a unit's log chunks into one entry per line,
 with ``SYSLOG_IDENTIFIER=<unit>`` and the ``DYNSUP_*`` fields.
@@ -25,6 +27,7 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -130,10 +133,14 @@ class JournalSender:
         self._dropped = 0
         self._failed = 0
         # Invariant: while the backlog is not empty, new entries join it, so
-        # journald gets them in order.
+        # journald gets them in order. Both hold under _lock: senders on
+        # other threads than the loop's.
+        self._lock = threading.Lock()
         self._backlog: deque[bytes] = deque()
         self._backlog_bytes = 0
-        self._queued: anyio.Event | None = None  # created by run_backlog's wait
+        # Written when the backlog gets its first entry: wakes run_backlog
+        # from any thread (an anyio.Event may only be set on its loop).
+        self._queued = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     @classmethod
     def open(cls, path: str = JOURNAL_SOCKET) -> JournalSender | None:
@@ -142,6 +149,9 @@ class JournalSender:
 
     def close(self) -> None:
         self._sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self._queued)
+        self._queued = -1
 
     def __enter__(self) -> JournalSender:
         return self
@@ -180,51 +190,61 @@ class JournalSender:
 
     def send_payload(self, payload: bytes) -> bool:
         """Send an encoded entry: a datagram, or a memfd when it is too big for one."""
-        if len(payload) > MEMFD_THRESHOLD:
-            return self._send_memfd(payload)
-        if self._backlog:
-            return self._enqueue(payload)
-        try:
-            self._sock.sendto(payload, self.path)
-        except BlockingIOError:
-            return self._enqueue(payload)
-        except OSError as e:
-            if e.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
-                self._failed += 1
-                return False
-            return self._send_memfd(payload)
-        self._sent += 1
-        return True
+        with self._lock:
+            if len(payload) > MEMFD_THRESHOLD:
+                return self._send_memfd(payload)
+            if self._backlog:
+                return self._enqueue(payload)
+            try:
+                self._sock.sendto(payload, self.path)
+            except BlockingIOError:
+                return self._enqueue(payload)
+            except OSError as e:
+                if e.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                    self._failed += 1
+                    return False
+                return self._send_memfd(payload)
+            self._sent += 1
+            return True
 
     def _enqueue(self, payload: bytes) -> bool:
+        """Under _lock."""
         if self._backlog_bytes + len(payload) > _BACKLOG_BYTES:
             self._dropped += 1
             return False
+        if not self._backlog:
+            with contextlib.suppress(OSError):  # closed, or already at its maximum
+                os.eventfd_write(self._queued, 1)
         self._backlog.append(payload)
         self._backlog_bytes += len(payload)
-        if self._queued is not None:
-            self._queued.set()
         return True
 
     async def run_backlog(self) -> None:
         """Send the backlog as journald takes it; runs as long as the sender is used."""
         while True:
+            if not self._send_backlog():
+                await self._wait_journald()
+                continue
+            await anyio.wait_readable(self._queued)
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._queued)
+
+    def _send_backlog(self) -> bool:
+        """Send the backlog in order; False when journald's queue is full again."""
+        with self._lock:
             while self._backlog:
                 payload = self._backlog[0]
                 try:
                     self._sock.sendto(payload, self.path)
                 except BlockingIOError:
-                    await self._wait_journald()
-                    continue
+                    return False
                 except OSError:
                     self._failed += 1
                 else:
                     self._sent += 1
                 self._backlog.popleft()
                 self._backlog_bytes -= len(payload)
-            self._queued = anyio.Event()
-            await self._queued.wait()
-            self._queued = None
+        return True
 
     async def _wait_journald(self) -> None:
         """Until journald's queue has room: a connected datagram socket polls
