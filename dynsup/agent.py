@@ -2,8 +2,9 @@
 
 Its public methods are the `Agent` contract (async, plain data in and out),
 so the very same class can be hosted by a Ray actor on another node.
-It owns a task group: one watcher per process (leader exit, then clean-up
-of anything the leader left behind) and one `PipeReader` for every pipe.
+It owns a task group: one `LeaderWatch` for every leader's exit, one
+`PipeReader` for every pipe, and a clean-up task per process from its
+leader's exit until nothing the leader left behind runs.
 Pipes are always drained into bounded ring buffers, so a child never
 blocks on a slow supervisor or a slow `tail`.
 """
@@ -35,6 +36,7 @@ from .agent_api import (
     StopFailed,
 )
 from .cgroups import AgentCgroups, CgroupUnavailable, enabled_by_env
+from .leaders import LeaderWatch
 from .lineage import SAMPLE_INTERVAL, Known, Lineage
 from .logs import LogStore
 from .logs.pump import PipeReader
@@ -115,6 +117,7 @@ class LocalAgent:
         self._hosted: dict[str, _Hosted] = {}
         self._tg: TaskGroup | None = None
         self._pipes: PipeReader | None = None
+        self._leaders: LeaderWatch | None = None
         self.subreaper = False
         self._want_cgroups = enabled_by_env() if cgroups is None else cgroups
         self.cgroups: AgentCgroups | None = None
@@ -136,9 +139,11 @@ class LocalAgent:
                 self._warden.guard_cgroup(str(self.cgroups.root))
         self._lineage = Lineage(TOKEN_VAR, cgroup_root=mount_root)
         self._pipes = PipeReader()
+        self._leaders = LeaderWatch()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._pipes.run)
+        self._tg.start_soon(self._leaders.run)
         if self.cgroups is not None:
             self._tg.start_soon(self.cgroups.run_events)
         self._tg.start_soon(self._sample)
@@ -161,8 +166,10 @@ class LocalAgent:
         try:
             return await self._tg.__aexit__(exc_type, exc, tb)
         finally:
-            assert self._pipes is not None
-            self._pipes.close()  # also when its task was cancelled before it ran
+            assert self._pipes is not None and self._leaders is not None
+            # Also when their tasks were cancelled before they ran.
+            self._pipes.close()
+            self._leaders.close()
             if self.cgroups is not None:
                 self.cgroups.close()
 
@@ -205,7 +212,7 @@ class LocalAgent:
         closed = partial(self._pipe_closed, hosted)
         self._pipes.add(group.stdout_fd, partial(append, name, "stdout", group.pid), closed)
         self._pipes.add(group.stderr_fd, partial(append, name, "stderr", group.pid), closed)
-        self._tg.start_soon(self._watch, hosted)
+        self._watch(hosted)
         return self._spawned(name, hosted)
 
     def _spawned(self, name: str, hosted: _Hosted) -> Spawned:
@@ -269,11 +276,26 @@ class LocalAgent:
         except KeyError:
             raise NotRunning(f"no process named {name!r} on {self.node}") from None
 
-    async def _watch(self, hosted: _Hosted) -> None:
-        group = hosted.group
-        status = await group.watch_leader()
+    def _watch(self, hosted: _Hosted) -> None:
+        """Hear of the leader's exit: through the shared watch, else a task of its own."""
+        assert self._tg is not None and self._leaders is not None
+        if not self._leaders.add(hosted.group, partial(self._leader_exited, hosted)):
+            self._tg.start_soon(self._watch_alone, hosted)
+
+    async def _watch_alone(self, hosted: _Hosted) -> None:
+        self._leader_exited(hosted, await hosted.group.watch_leader())
+
+    def _leader_exited(self, hosted: _Hosted, status: ExitStatus) -> None:
         hosted.status = status
         hosted.leader_gone.set()
+        assert self._tg is not None
+        self._tg.start_soon(self._clean_up, hosted)
+
+    async def _clean_up(self, hosted: _Hosted) -> None:
+        """After the leader's exit: the rest of its group, its cgroup, its pipes."""
+        group = hosted.group
+        status = hosted.status
+        assert status is not None
         try:
             # What the leader left behind (an EngineCore holding GPU memory, say)
             # must be gone before anyone hears of the exit and restarts the unit.

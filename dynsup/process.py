@@ -214,24 +214,35 @@ class ProcessGroup:
             while True:
                 if pidfd is not None:
                     await anyio.wait_readable(pidfd)
-                try:
-                    pid, status = os.waitpid(self.pid, 0 if pidfd is not None else os.WNOHANG)
-                except ChildProcessError:
-                    # Someone else reaped it: we cannot know how it ended.
-                    self.status = ExitStatus(code=None, signal="UNKNOWN")
-                    break
-                if pid == self.pid:
-                    self.status = exit_status_from_wait(status)
-                    break
+                status = self.reap_nowait()
+                if status is not None:
+                    return status
                 await anyio.sleep(_EMPTY_POLL_MAX)  # no pidfd: kernels before 5.3
         finally:
             if pidfd is not None:
                 os.close(pidfd)
+
+    def reap_nowait(self) -> ExitStatus | None:
+        """Reap the leader if it has exited: its status, else None. Never blocks.
+
+        `watch_leader` waits with it; a watcher of many leaders (the agent's
+        `LeaderWatch`, over their pidfds) calls it instead of watch_leader.
+        """
+        try:
+            pid, wait_status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Someone else reaped it: we cannot know how it ended.
+            status = ExitStatus(code=None, signal="UNKNOWN")
+        else:
+            if pid != self.pid:
+                return None
+            status = exit_status_from_wait(wait_status)
+        self.status = status
         if self._popen is not None:
             # Keep subprocess from reaping (a possibly reused) pid later.
-            self._popen.returncode = os.EX_OK if self.status.code is None else self.status.code
+            self._popen.returncode = os.EX_OK if status.code is None else status.code
         self._leader_gone.set()
-        return self.status
+        return status
 
     @property
     def leader_alive(self) -> bool:
