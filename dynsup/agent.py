@@ -91,7 +91,9 @@ class _Hosted:
     done: anyio.Event = field(default_factory=anyio.Event)  # the leader and its group are gone
     status: ExitStatus | None = None  # the leader's, set once it exited
     open_pipes: int = 2  # stdout and stderr, until the reader reads their EOF
-    drained: anyio.Event = field(default_factory=anyio.Event)  # both pipes read to EOF
+    # Set once both pipes are read to EOF; made only when the clean-up after
+    # the leader's exit must wait for them (an Event is ~1 KiB a running unit).
+    drained: anyio.Event | None = None
 
 
 class LocalAgent:
@@ -318,7 +320,9 @@ class LocalAgent:
         # Whoever hears "gone" may read the unit's last lines at once: its
         # output is in the rings first (bounded: a stranger may hold a pipe open).
         with anyio.move_on_after(DRAIN_TIMEOUT):
-            await hosted.drained.wait()
+            if hosted.open_pipes:
+                hosted.drained = anyio.Event()
+                await hosted.drained.wait()
         hosted.done.set()
         log.debug("process.exited", unit=group.name, pid=group.pid, status=status.describe())
 
@@ -338,5 +342,5 @@ class LocalAgent:
     @staticmethod
     def _pipe_closed(hosted: _Hosted) -> None:
         hosted.open_pipes -= 1
-        if hosted.open_pipes == 0:
+        if hosted.open_pipes == 0 and hosted.drained is not None:
             hosted.drained.set()
