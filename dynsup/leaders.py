@@ -41,8 +41,12 @@ class LeaderWatch:
             pidfd = os.pidfd_open(group.pid)
         except OSError:  # already reaped elsewhere, or a kernel before 5.3
             return False
+        try:
+            self._epoll.register(pidfd, select.EPOLLIN)
+        except OSError:
+            os.close(pidfd)
+            return False
         self._watched[pidfd] = (group, exited)
-        self._epoll.register(pidfd, select.EPOLLIN)
         return True
 
     async def run(self) -> None:
