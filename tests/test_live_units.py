@@ -97,10 +97,10 @@ def test_routed_addresses_from_the_frontends_health() -> None:
 
 
 def test_canary_targets_group_workers_by_model_and_role() -> None:
+    routers = (("frontend", "http://h:8000"), ("frontend-1", "http://h:8001"))
+
     def worker(name: str, model: str, role: str, canary: bool = True) -> ServiceSpec:
-        registry = Registry(
-            "file", "/d", router="http://h:8000", serves=model, role=role, canary=canary
-        )
+        registry = Registry("file", "/d", routers=routers, serves=model, role=role, canary=canary)
         return ServiceSpec(name=name, command=("w",), registry=registry)
 
     specs = {
@@ -111,5 +111,5 @@ def test_canary_targets_group_workers_by_model_and_role() -> None:
         "frontend": ServiceSpec(name="frontend", command=("f",)),
     }
     assert targets(specs) == [
-        Target("m", "http://h:8000", (("pd-prefill-0", "pd-prefill-1"), ("pd-decode-0",)))
+        Target("m", routers, (("pd-prefill-0", "pd-prefill-1"), ("pd-decode-0",)))
     ]

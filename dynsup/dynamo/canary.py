@@ -9,6 +9,12 @@ every ``INTERVAL``; after ``FAILURES`` failed ones in a row its workers are
 restarted, role by role (prefill, then decode), with a reason that says
 what was seen. ``canary = false`` in a ``[model]`` opts out.
 
+With several frontends (``frontend_replicas``) the canary goes through the
+RUNNING ones in order until one answers: the model is healthy when any of
+them serves it (a frontend that does not is its own liveness probe's
+business; restarting the workers would not heal it), judged only while at
+least one frontend is RUNNING.
+
 This room knows nothing of how units run: the daemon gives it the specs,
 a question (are these units RUNNING?) and the heal (restart these units
 with this reason, under the write lock).
@@ -40,7 +46,7 @@ Heal = Callable[[list[str], str], Awaitable[None]]
 @dataclass(frozen=True)
 class Target:
     model: str  # the served name
-    router: str  # the frontend's base URL
+    routers: tuple[tuple[str, str], ...]  # (unit, base URL) of each frontend
     roles: tuple[tuple[str, ...], ...]  # the worker units, role by role
 
 
@@ -51,20 +57,31 @@ def targets(specs: Mapping[str, ServiceSpec]) -> list[Target]:
         registry = spec.registry
         if registry is None or not registry.canary or not registry.serves:
             continue
-        roles = found.setdefault((registry.serves, registry.router), {})
+        roles = found.setdefault((registry.serves, registry.routers), {})
         roles.setdefault(registry.role, []).append(name)
     return [
-        Target(model, router, tuple(tuple(roles[r]) for r in ROLE_ORDER if r in roles))
-        for (model, router), roles in sorted(found.items())
+        Target(model, routers, tuple(tuple(roles[r]) for r in ROLE_ORDER if r in roles))
+        for (model, routers), roles in sorted(found.items())
     ]
 
 
-async def ask(target: Target) -> str | None:
-    """None when the model answered one token; else what was seen."""
-    body = {"model": target.model, "prompt": "ping", "max_tokens": 1}
+async def ask_any(model: str, routers: list[str]) -> str | None:
+    """None when one of routers served the model; else what the first one showed."""
+    first: str | None = None
+    for router in routers:
+        seen = await ask(model, router)
+        if seen is None:
+            return None
+        first = first or seen
+    return first
+
+
+async def ask(model: str, router: str) -> str | None:
+    """None when the model answered one token through router; else what was seen."""
+    body = {"model": model, "prompt": "ping", "max_tokens": 1}
     try:
         status, answer = await http_request(
-            f"{target.router}/v1/completions", json_body=body, timeout=TIMEOUT
+            f"{router}/v1/completions", json_body=body, timeout=TIMEOUT
         )
     except (OSError, TimeoutError, ValueError) as exc:
         return f"POST /v1/completions failed: {type(exc).__name__}: {exc}"
@@ -87,10 +104,11 @@ async def watch_models(
         await anyio.sleep(INTERVAL)
         for target in targets(specs()):
             workers = [name for role in target.roles for name in role]
-            if not running([*workers, "frontend"]):
+            routers = [url for unit, url in target.routers if running([unit])]
+            if not routers or not running(workers):
                 failed.pop(target.model, None)  # starting, stopping or healing: not judged
                 continue
-            seen = await ask(target)
+            seen = await ask_any(target.model, routers)
             if seen is None:
                 failed.pop(target.model, None)
                 continue

@@ -5,7 +5,10 @@ What comes out for a directory with at least one `[model]`:
 * ``etcd`` when discovery is etcd and no external endpoint is given;
 * ``nats`` when a plane uses NATS and no external URL is given (Dynamo
   1.4.2 needs none with its defaults: requests over TCP, events over ZMQ);
-* ``frontend``, ready once ``/v1/models`` lists every served model;
+* ``frontend``, ready once ``/v1/models`` lists every served model; with
+  ``frontend_replicas = n`` also ``frontend-1`` … ``frontend-<n-1>``, the same
+  program on ``frontend_port + k``, each probed on its own port (none
+  requires another: any one that is RUNNING serves every model);
 * the workers: ``<unit>-<i>`` (aggregated), ``<unit>-prefill-<i>`` and
   ``<unit>-decode-<i>`` (disaggregated), each ready on its own
   ``DYN_SYSTEM_PORT``'s ``/health``.
@@ -25,6 +28,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +62,7 @@ WORKER_LIVE = {
     "vllm": {"interval": 2.0, "timeout": 5.0, "failures": 3},
 }
 FRONTEND_LIVE = {"interval": 1.0, "timeout": 2.0, "failures": 3}
-IMPLICIT = ("etcd", "nats", "frontend")
+FRONTEND = "frontend"
 # Flags dynsup sets itself: an engine_args key for one would come later and win.
 OWNED_ARGS = {
     "vllm": frozenset({
@@ -104,6 +108,11 @@ def component_slug(model: str) -> str:
     return slug or "model"
 
 
+def frontend_name(replica: int) -> str:
+    """``frontend`` for the first (the name with one replica), ``frontend-<k>`` after."""
+    return FRONTEND if replica == 0 else f"{FRONTEND}-{replica}"
+
+
 def router_mode(stack: StackSpec, models: list[ModelSpec]) -> str:
     if stack.router_mode is not None:
         return stack.router_mode
@@ -123,9 +132,10 @@ def expand_stack(
         return services, problems.errors
     stack = stacks[0] if stacks else StackSpec(source=models[0].source)
     builder = _Builder(stack, models, ctx, problems)
+    implicit = {"etcd", "nats", *(name for name, _ in builder.frontends())}
     expanded = dict(services)
     for spec in builder.build():
-        if spec.name in services and spec.name in IMPLICIT:
+        if spec.name in services and spec.name in implicit:
             continue  # a [service] file of the same name overrides the implicit unit
         if spec.name in services:
             problems.add(
@@ -169,12 +179,17 @@ class _Builder:
     def discovery_dir(self) -> str:
         return str(Path(self.ctx.state_dir) / "dynamo-discovery" / self.stack.namespace)
 
+    def frontends(self) -> list[tuple[str, int]]:
+        """(unit, port) of each frontend: ``frontend`` first, as with one replica."""
+        first = self.stack.frontend_port
+        return [(frontend_name(k), first + k) for k in range(self.stack.frontend_replicas)]
+
     def registry(self, **worker: Any) -> Registry:
         """Where the stack's workers register; ``worker``: a worker's own fields."""
-        router = f"http://{self.host}:{self.stack.frontend_port}"
+        routers = tuple((name, f"http://{self.host}:{port}") for name, port in self.frontends())
         if self.use_etcd:
-            return Registry("etcd", self.etcd_url().split(",")[0], router=router, **worker)
-        return Registry("file", self.discovery_dir(), router=router, **worker)
+            return Registry("etcd", self.etcd_url().split(",")[0], routers=routers, **worker)
+        return Registry("file", self.discovery_dir(), routers=routers, **worker)
 
     def dynamo_env(self) -> dict[str, str]:
         env = {
@@ -206,8 +221,12 @@ class _Builder:
 
     def build(self) -> list[ServiceSpec]:
         specs: list[ServiceSpec] = []
-        for make in (self.etcd, self.nats, self.frontend):
+        for make in (self.etcd, self.nats):
             spec = self._guard(make)
+            if spec is not None:
+                specs.append(spec)
+        for name, port in self.frontends():
+            spec = self._guard(partial(self.frontend, name, port))
             if spec is not None:
                 specs.append(spec)
         try:
@@ -283,7 +302,7 @@ class _Builder:
             requires=(),
         )
 
-    def frontend(self) -> ServiceSpec:
+    def frontend(self, name: str, port: int) -> ServiceSpec:
         stack = self.stack
         # On by default: a stream broken by a worker's stop or crash goes on on
         # another replica. One value for the frontend (Dynamo's flag is the
@@ -293,7 +312,7 @@ class _Builder:
         command = [
             *python_module("dynamo.frontend"),
             "--http-host", self.host,
-            "--http-port", str(stack.frontend_port),
+            "--http-port", str(port),
             "--namespace", stack.namespace,
             "--router-mode", self.mode,
             *self.discovery_args(),
@@ -303,13 +322,14 @@ class _Builder:
             command += ["--migration-limit", str(migration)]
         command += list(stack.frontend_args)
         served = tuple(dict.fromkeys(m.model for m in self.models if self._serves(m)))
+        replica = "" if name == FRONTEND else f" (replica {name.rsplit('-', 1)[1]})"
         return self._implicit(
-            "frontend",
-            "Dynamo OpenAI frontend",
+            name,
+            f"Dynamo OpenAI frontend{replica}",
             tuple(command),
             ReadySpec(
                 kind=ProbeKind.MODELS,
-                target=f"http://{self.host}:{stack.frontend_port}/v1/models",
+                target=f"http://{self.host}:{port}/v1/models",
                 models=served,
                 # As long as the slowest worker may take to load: the frontend waits for it.
                 timeout=600 if any(m.engine == "vllm" for m in self.models) else 300,
@@ -317,11 +337,11 @@ class _Builder:
             ),
             live=LiveSpec(
                 kind=ProbeKind.HTTP,
-                target=f"http://{self.host}:{stack.frontend_port}/live",
+                target=f"http://{self.host}:{port}/live",
                 **FRONTEND_LIVE,
             ),
             env=self.dynamo_env(),
-            ports=(stack.frontend_port,),
+            ports=(port,),
             requires=self.infra(),
         )
 

@@ -65,9 +65,10 @@ class Registry:
     # The addresses ("host:port") the unit advertises: its records, found while it
     # still runs (a hung process must be withdrawn before it is killed).
     own: tuple[str, ...] = ()
-    # The base URL of the router that reads the store (Dynamo's frontend: its
-    # /health lists the instances it routes to, "taking traffic" is seen there).
-    router: str = ""
+    # The routers that read the store, as (unit, base URL): Dynamo's frontends
+    # (one per `frontend_replicas`). A router's /health lists the instances it
+    # routes to: "taking traffic" is seen there.
+    routers: tuple[tuple[str, str], ...] = ()
     # The model the unit serves there, its role ("agg", "prefill", "decode"), and
     # whether a canary request through the router checks the model end to end.
     serves: str = ""

@@ -12,6 +12,8 @@ These only describe; `dynsup.dynamo` expands them into services.
                                   # any model is disaggregated, else round-robin
     host = "127.0.0.1"            # where the stack binds
     frontend_port = 8000
+    frontend_replicas = 1         # frontends: "frontend" on frontend_port, then
+                                  # "frontend-<k>" on frontend_port + k
     frontend_args = []            # extra flags for dynamo.frontend
     etcd_endpoint = ""            # external etcd: dynsup runs none
     nats_url = ""                 # external NATS: dynsup runs none
@@ -67,6 +69,7 @@ STACK_KEYS = (
     "router_mode",
     "host",
     "frontend_port",
+    "frontend_replicas",
     "frontend_args",
     "etcd_endpoint",
     "nats_url",
@@ -115,6 +118,7 @@ class StackSpec:
     router_mode: str | None = None
     host: str = "127.0.0.1"
     frontend_port: int = 8000
+    frontend_replicas: int = 1
     frontend_args: tuple[str, ...] = ()
     etcd_endpoint: str = ""
     nats_url: str = ""
@@ -184,6 +188,7 @@ def parse_stack(
     _no_other_tables(document, "dynamo", problems)
     table = section(problems, document, "dynamo", STACK_KEYS)
     fill = Placeholders(context)
+    frontend_port = table.get("frontend_port", as_port, 8000)
     return StackSpec(
         namespace=table.get("namespace", _slug_checked, "dynamo"),
         discovery=table.get("discovery", one_of(DISCOVERY), "etcd"),
@@ -191,7 +196,8 @@ def parse_stack(
         event_plane=table.get("event_plane", one_of(EVENT_PLANES), "zmq"),
         router_mode=table.get("router_mode", one_of(ROUTER_MODES), None),
         host=table.get("host", as_nonempty_str, "127.0.0.1"),
-        frontend_port=table.get("frontend_port", as_port, 8000),
+        frontend_port=frontend_port,
+        frontend_replicas=_frontend_replicas(table, frontend_port),
         frontend_args=table.get("frontend_args", lambda v: fill.argv(as_argv(v)), ()),
         etcd_endpoint=table.get("etcd_endpoint", as_str, ""),
         nats_url=table.get("nats_url", as_str, ""),
@@ -200,6 +206,18 @@ def parse_stack(
         port_base=table.get("port_base", as_port, 21000),
         environment=_env(table, fill),
     )
+
+
+def _frontend_replicas(table: Table, first_port: int) -> int:
+    """Replica k listens on first_port + k: all of them must be ports."""
+    count = table.get("frontend_replicas", int_at_least(1), 1)
+    if first_port + count - 1 > 65535:
+        table.report(
+            "frontend_replicas",
+            f"{count} frontends need ports {first_port}..{first_port + count - 1}, above 65535",
+        )
+        return 1
+    return count
 
 
 def parse_model(
