@@ -110,3 +110,75 @@ def test_check_leaves_a_corrupt_state_file_where_it_is(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert [p.name for p in state.iterdir()] == ["state.toml"]
+
+
+def demo_with(tmp_path: Path, stack_lines: str, port: int = 8000) -> Path:
+    """A copy of units/demo with its frontend on port and stack_lines added to [dynamo]."""
+    units = tmp_path / "units"
+    units.mkdir()
+    stack = (ROOT / "units" / "demo" / "stack.toml").read_text()
+    stack = stack.replace("frontend_port = 8000", f"frontend_port = {port}")
+    (units / "stack.toml").write_text(stack.replace("[dynamo]\n", f"[dynamo]\n{stack_lines}\n"))
+    tiny = (ROOT / "units" / "demo" / "tiny.toml").read_text()
+    (units / "tiny.toml").write_text(
+        tiny.replace('"model"', f'"{ROOT / "units" / "demo" / "model"}"')
+    )
+    return units
+
+
+def test_check_plans_two_frontends_on_consecutive_ports(tmp_path: Path) -> None:
+    units = demo_with(tmp_path, "frontend_replicas = 2")
+    done = dynsupd(
+        "--check", "--json", "--state-dir", str(tmp_path / "state"), str(units), tmp_path=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    processes = {p["name"]: p for p in json.loads(done.stdout)["processes"]}
+    assert sorted(processes) == ["frontend", "frontend-1", "tiny-0", "tiny-1"]
+    first, second = processes["frontend"], processes["frontend-1"]
+    assert (first["ports"], second["ports"]) == ([8000], [8001])
+    assert first["argv"][first["argv"].index("--http-port") + 1] == "8000"
+    assert second["argv"][second["argv"].index("--http-port") + 1] == "8001"
+    # The same frontend otherwise: one namespace, one discovery, one router mode.
+    differ = [
+        i for i, (a, b) in enumerate(zip(first["argv"], second["argv"], strict=True)) if a != b
+    ]
+    assert [first["argv"][i] for i in differ] == ["8000"]
+    assert first["env"] == second["env"]
+    # Each is ready on its own port once it lists the model; nothing requires the other.
+    assert second["ready"]["target"] == "http://127.0.0.1:8001/v1/models"
+    assert second["ready"]["models"] == ["tiny"]
+    assert second["requires"] == first["requires"] == []
+    # The workers do not wait for any frontend: they register, frontends discover.
+    assert processes["tiny-0"]["requires"] == []
+
+
+def test_check_as_text_shows_each_frontends_port(tmp_path: Path) -> None:
+    units = demo_with(tmp_path, "frontend_replicas = 2", port=9100)
+    done = dynsupd("--check", "--state-dir", str(tmp_path / "state"), str(units), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    blocks = done.stdout.split("\n\n")
+    second = next(block for block in blocks if block.startswith("frontend-1"))
+    assert "\n  ports: 9101\n" in second
+    assert "\n  ready: models http://127.0.0.1:9101/v1/models\n" in second
+    assert "--http-port 9101 " in second
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("frontend_replicas = 0", "at least 1"),
+        ('frontend_replicas = "2"', "integer"),
+        ("frontend_replicas = 2", "above 65535"),
+    ],
+    ids=["zero", "string", "past-the-last-port"],
+)
+def test_check_refuses_a_bad_frontend_replicas_naming_file_and_key(
+    tmp_path: Path, lines: str, message: str
+) -> None:
+    units = demo_with(tmp_path, lines, port=65535)
+    done = dynsupd("--check", "--state-dir", str(tmp_path / "state"), str(units), tmp_path=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = done.stderr.splitlines()[1:-1]
+    assert len(errors) == 1, done.stderr
+    assert str(units / "stack.toml") in errors[0]
+    assert "dynamo.frontend_replicas" in errors[0] and message in errors[0], errors[0]

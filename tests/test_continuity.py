@@ -266,3 +266,43 @@ def test_a_model_the_frontend_does_not_serve_is_healed_by_the_canary(tmp_path: P
         pending = first_index(events, event="unit.state", unit=stack.workers[0], new="PENDING")
         assert events[pending]["reason"] == unhealthy["reason"]
         assert status(daemon)["frontend"]["pid"] == units["frontend"]["pid"]
+
+
+def test_two_frontends_one_killed_the_other_keeps_serving(tmp_path: Path) -> None:
+    """frontend_replicas = 2: a kill -9 of one frontend is never seen through the other."""
+    stack = make_stack(tmp_path, frontend_replicas=2)
+    with running_stack(tmp_path, stack) as (daemon, units):
+        victim, survivor = "frontend", "frontend-1"
+        apis = {name: client(stack, 20, url) for name, url in stack.frontends.items()}
+        for name, api in apis.items():
+            assert [m.id for m in api.models.list().data] == [MODEL], name
+            assert chat_ok(apis[name]), name
+        outcomes: list[bool] = []
+        done = threading.Event()
+
+        def load() -> None:  # through the survivor, from before the kill until it is back
+            while not done.is_set():
+                outcomes.append(chat_ok(apis[survivor]))
+                done.wait(0.05)  # paced: ~20 requests a second at most
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        try:
+            while len(outcomes) < 5:
+                done.wait(0.05)
+            since = len(daemon.events())
+            killed_at = len(outcomes)
+            os.kill(units[victim]["pid"], signal.SIGKILL)
+            wait_back(daemon, victim, units[victim]["pid"], since)
+            until_serving(apis[victim], time.monotonic() + HEAL_TIMEOUT)
+            after_back = len(outcomes)
+            while len(outcomes) < after_back + 5:
+                done.wait(0.05)
+        finally:
+            done.set()
+            thread.join(60)
+        assert len(outcomes) > killed_at + 5, outcomes
+        assert all(outcomes), f"{outcomes.count(False)} of {len(outcomes)} failed: {outcomes}"
+        after = status(daemon)
+        for name in (survivor, *stack.workers):
+            assert after[name]["pid"] == units[name]["pid"], name  # nothing else restarted

@@ -92,14 +92,23 @@ class Stack:
     workers: list[str]
     infra: list[str] = field(default_factory=list)
     etcd_port: int | None = None  # with etcd discovery
+    frontend_replicas: int = 1  # frontend, frontend-1, … on frontend_port + k
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.frontend_port}/v1"
 
     @property
+    def frontends(self) -> dict[str, str]:
+        """Each frontend unit (the documented names) and its OpenAI base URL."""
+        return {
+            f"frontend-{k}" if k else "frontend": f"http://127.0.0.1:{self.frontend_port + k}/v1"
+            for k in range(self.frontend_replicas)
+        }
+
+    @property
     def all_units(self) -> list[str]:
-        return [*self.infra, "frontend", *self.workers]
+        return [*self.infra, *self.frontends, *self.workers]
 
 
 def make_stack(
@@ -108,6 +117,7 @@ def make_stack(
     discovery: str = "file",
     event_plane: str = "zmq",
     disaggregated: bool = False,
+    frontend_replicas: int = 1,
 ) -> Stack:
     units = root / "units"
     if disaggregated:
@@ -116,7 +126,8 @@ def make_stack(
     else:
         roles = [("agg", 2)]
         workers = ["tiny-0", "tiny-1"]
-    frontend_port, etcd_port = free_port(), free_port(also=1)
+    frontend_port = free_port(also=frontend_replicas - 1 or None)
+    etcd_port = free_port(also=1)
     write_unit(
         units,
         "stack",
@@ -128,6 +139,7 @@ def make_stack(
         event_plane = "{event_plane}"
         router_mode = "kv"
         frontend_port = {frontend_port}
+        frontend_replicas = {frontend_replicas}
         etcd_port = {etcd_port}
         nats_port = {free_port(also=4000)}
         port_base = {free_port_base("tiny", roles)}
@@ -137,7 +149,8 @@ def make_stack(
     body = DISAGGREGATED if disaggregated else AGGREGATED
     write_unit(units, "tiny", body.format(model_dir=MODEL_DIR))
     infra = (["etcd"] if discovery == "etcd" else []) + (["nats"] if event_plane == "nats" else [])
-    return Stack(units, frontend_port, workers, infra, etcd_port if discovery == "etcd" else None)
+    etcd = etcd_port if discovery == "etcd" else None
+    return Stack(units, frontend_port, workers, infra, etcd, frontend_replicas)
 
 
 def status(daemon: Dynsupd) -> dict[str, dict]:
@@ -207,10 +220,12 @@ def running_stack(tmp_path: Path, stack: Stack) -> Iterator[tuple[Dynsupd, dict[
 # -- the client ---------------------------------------------------------------
 
 
-def client(stack: Stack, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+def client(stack: Stack, timeout: float = 30.0, base_url: str = ""):  # type: ignore[no-untyped-def]
+    """An OpenAI client of the stack's first frontend, or of base_url."""
     from openai import OpenAI
 
-    return OpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=timeout)
+    url = base_url or stack.base_url
+    return OpenAI(base_url=url, api_key="x", max_retries=0, timeout=timeout)
 
 
 def check_chat(api, prompt: str = "Hello there, how are you?") -> None:  # type: ignore[no-untyped-def]
