@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Continuity: what the endpoint's users see while faults and operations happen.
 
-    .venv/bin/python bench/continuity.py [--rate 20] [--hang 30] [--only ROW ...]
+    .venv/bin/python bench/continuity.py [--rate 20] [--hang 30] [--frontends N] [--only ROW ...]
 
 A benchmark, not a test. The demo stack (frontend and two mocker replicas,
 file discovery, KV router; the tests' ``make_stack``: free ports, a tmp
@@ -15,7 +15,17 @@ after another, each once the stack is RUNNING and serving again:
   continued (if still there); "replaced" is the time from SIGSTOP to tiny-0
   RUNNING under a new pid;
 * ``restart worker``: ``dynsupctl restart tiny-1``;
-* ``scale 2→1→2``: ``dynsupctl scale tiny 1``, then ``scale tiny 2``.
+* ``scale 2→1→2``: ``dynsupctl scale tiny 1``, then ``scale tiny 2``;
+* ``kill -9 frontend``: SIGKILL of the first frontend's leader.
+
+``--frontends N`` runs the stack with ``frontend_replicas = N`` and makes
+the load a client with a list of addresses (what a client-side list or a
+proxy's upstream does): chats go round-robin over the frontends and a
+failed one is retried once on each other frontend; it counts as failed
+only when every address failed ("retried" counts the ones that needed
+another address). Stream ``i`` goes to frontend ``i mod N`` and is retried
+on the next address only when it failed before its first chunk; one cut
+mid-way is broken. With one frontend nothing is retried.
 
 Per row: failed / total requests sent from the row's start until the stack
 serves again (every unit RUNNING and 20 requests in a row succeeded), broken
@@ -55,13 +65,16 @@ COUNTER = itertools.count()
 class Load:
     """``rate`` chats a second and two looping streams; counts what failed, by time."""
 
-    def __init__(self, base_url: str, rate: float) -> None:
+    def __init__(self, base_urls: list[str], rate: float) -> None:
         from openai import OpenAI
 
-        self.api = OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=10)
-        self.stream_api = OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=60)
+        self.apis = [OpenAI(base_url=u, api_key="x", max_retries=0, timeout=10) for u in base_urls]
+        self.stream_apis = [
+            OpenAI(base_url=u, api_key="x", max_retries=0, timeout=60) for u in base_urls
+        ]
         self.rate = rate
         self.results: list[tuple[float, bool]] = []  # (sent at, ok)
+        self.retried: list[float] = []  # sent at, of the chats that needed another address
         self.streams: list[tuple[float, bool]] = []  # (ended at, ok)
         self.errors: list[tuple[float, str]] = []  # (sent at, what failed)
         self.stop = threading.Event()
@@ -69,16 +82,22 @@ class Load:
 
     def chat(self) -> None:
         sent = time.monotonic()
-        try:
-            self.api.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": f"request {next(COUNTER)}"}],
-                max_tokens=8,
-            )
-            ok = True
-        except Exception as exc:
-            ok = False
-            self.errors.append((sent, f"{type(exc).__name__}: {str(exc)[:80]}"))
+        n = next(COUNTER)
+        first = n % len(self.apis)
+        ok = False
+        for attempt, api in enumerate(self.apis[first:] + self.apis[:first]):
+            try:
+                api.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": f"request {n}"}],
+                    max_tokens=8,
+                )
+                ok = True
+                if attempt:
+                    self.retried.append(sent)
+                break
+            except Exception as exc:
+                self.errors.append((sent, f"{api.base_url}: {type(exc).__name__}: {str(exc)[:80]}"))
         self.results.append((sent, ok))
 
     def pace(self) -> None:
@@ -87,26 +106,33 @@ class Load:
             worker.start()
             self.stop.wait(1 / self.rate)
 
-    def stream_loop(self) -> None:
+    def stream_loop(self, index: int) -> None:
+        first = index % len(self.stream_apis)
+        apis = self.stream_apis[first:] + self.stream_apis[:first]
         while not self.stop.is_set():
             ok = False
-            try:
-                chunks = self.stream_api.chat.completions.create(
-                    model=MODEL,
-                    messages=[{"role": "user", "content": f"stream {next(COUNTER)}"}],
-                    max_tokens=64,
-                    stream=True,
-                )
-                for chunk in chunks:
-                    if chunk.choices and chunk.choices[0].finish_reason:
-                        ok = True
-            except Exception:
-                ok = False
+            for api in apis:
+                started = False
+                try:
+                    chunks = api.chat.completions.create(
+                        model=MODEL,
+                        messages=[{"role": "user", "content": f"stream {next(COUNTER)}"}],
+                        max_tokens=64,
+                        stream=True,
+                    )
+                    for chunk in chunks:
+                        started = True
+                        if chunk.choices and chunk.choices[0].finish_reason:
+                            ok = True
+                except Exception:
+                    ok = False
+                if ok or started:  # done, or cut mid-way: a client cannot resume it
+                    break
             self.streams.append((time.monotonic(), ok))
 
     def __enter__(self) -> Load:
-        for target in (self.pace, self.stream_loop, self.stream_loop):
-            thread = threading.Thread(target=target, daemon=True)
+        for target, args in ((self.pace, ()), (self.stream_loop, (0,)), (self.stream_loop, (1,))):
+            thread = threading.Thread(target=target, args=args, daemon=True)
             thread.start()
             self.threads.append(thread)
         return self
@@ -116,10 +142,11 @@ class Load:
         for thread in self.threads:
             thread.join(70)
 
-    def since(self, start: float) -> tuple[int, int, int, int]:
+    def since(self, start: float) -> tuple[int, int, int, int, int]:
         chats = [ok for at, ok in list(self.results) if at >= start]
         streams = [ok for at, ok in list(self.streams) if at >= start]
-        return chats.count(False), len(chats), streams.count(False), len(streams)
+        retried = len([at for at in list(self.retried) if at >= start])
+        return chats.count(False), len(chats), streams.count(False), len(streams), retried
 
     def serving(self, start: float, streak: int = 20) -> bool:
         tail = [ok for at, ok in list(self.results) if at >= start][-streak:]
@@ -146,12 +173,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--hang", type=float, default=30.0)
+    parser.add_argument("--frontends", type=int, default=1, help="[dynamo] frontend_replicas")
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="dynsup-continuity-") as tmp:
         root = Path(tmp)
-        stack = make_stack(root)
+        stack = make_stack(root, frontend_replicas=args.frontends)
         names = stack.all_units
         with run_dynsupd(root, stack.units) as daemon:
             wait_running(daemon, stack)
@@ -178,6 +206,9 @@ def main() -> int:
 
             def restart_worker() -> None:
                 ctl(daemon, "restart", "tiny-1")
+
+            def kill_frontend() -> None:
+                os.kill(status(daemon)["frontend"]["pid"], signal.SIGKILL)
 
             def scale() -> None:
                 ctl(daemon, "scale", "tiny", "1")
@@ -213,9 +244,10 @@ def main() -> int:
                 ("add a model", add_model, "add"),
                 ("remove it", remove_model, "remove"),
                 ("restart worker", restart_worker, "restart"),
+                (f"kill -9 frontend (of {args.frontends})", kill_frontend, "frontend"),
             ]
             table = []
-            with Load(stack.base_url, args.rate) as load:
+            with Load(list(stack.frontends.values()), args.rate) as load:
                 pace = threading.Event()
                 while not load.serving(0.0):
                     pace.wait(0.2)
@@ -226,19 +258,21 @@ def main() -> int:
                     print(f"{label} ...", flush=True)
                     frontend = status(daemon)["frontend"]["pid"]
                     action()
-                    if status(daemon)["frontend"]["pid"] != frontend:
+                    if key != "frontend" and status(daemon)["frontend"]["pid"] != frontend:
                         label += " (frontend restarted)"
                     took = settle(daemon, load, names, start, 240)
-                    failed, total, broken, streams = load.since(start)
+                    failed, total, broken, streams, retried = load.since(start)
                     for at, error in load.errors:
                         if at >= start:
                             print(f"  +{at - start:.2f} s: {error}")
-                    table.append((label, failed, total, broken, streams, took))
+                    table.append((label, failed, total, retried, broken, streams, took))
             daemon.stop(timeout=120)
-    print("\n| row | failed / total requests | broken / total streams | settled after |")
-    print("|---|---|---|---|")
-    for label, failed, total, broken, streams, took in table:
-        print(f"| {label} | {failed} / {total} | {broken} / {streams} | {took:.1f} s |")
+    print(f"\nfrontend_replicas = {args.frontends}")
+    columns = ("failed / total requests", "retried elsewhere", "broken / total streams")
+    print(f"| row | {' | '.join(columns)} | settled after |")
+    print("|---|---|---|---|---|")
+    for label, failed, total, retried, broken, streams, took in table:
+        print(f"| {label} | {failed} / {total} | {retried} | {broken} / {streams} | {took:.1f} s |")
     return 0
 
 
