@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -253,14 +252,12 @@ async def report_to_systemd(engine: Engine, notifier: Notifier, wanted: set[str]
 
 def endpoints(specs: Mapping[str, ServiceSpec]) -> dict[str, str]:
     """The OpenAI URL each router unit (Dynamo's frontend) serves: unit -> URL."""
-    routers = {s.registry.router for s in specs.values() if s.registry and s.registry.router}
-    found = {}
-    for router in routers:
-        port = urlsplit(router).port
-        for name, spec in specs.items():
-            if port in spec.ports:
-                found[name] = f"{router}/v1"
-    return found
+    return {
+        unit: f"{url}/v1"
+        for spec in specs.values()
+        if spec.registry is not None
+        for unit, url in spec.registry.routers
+    }
 
 
 async def announce_endpoints(engine: Engine) -> None:
