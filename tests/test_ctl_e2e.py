@@ -141,7 +141,9 @@ def test_a_failing_start_reports_error(tmp_path: Path) -> None:
         done = daemon.ctl("status", "broken")
         assert done.returncode == 3
         assert "FATAL" in done.stdout and "exit status 3" in done.stdout
-        assert "boom: no config" in done.stdout
+        # The last line it printed is one `-v` away (last: is how it ended).
+        verbose = daemon.ctl("status", "-v", "broken")
+        assert "boom: no config" in verbose.stdout, verbose.stdout
 
 
 def test_pid_signal_version_avail(tmp_path: Path) -> None:
