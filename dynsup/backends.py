@@ -13,8 +13,10 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,11 @@ import anyio.to_thread
 import structlog
 
 from .agent import LocalAgent
-from .agent_api import Agent, ChunkBatch
-from .config import RayConfig
+from .agent_api import Agent, AgentError, ChunkBatch
+from .config import AGENT_MODES, DaemonConfig, RayConfig
 from .engine import Engine
 from .engine.placement import Placement, PlacementFailed, Placer, SingleAgent
+from .engine.reload import fingerprint
 from .units.spec import ServiceSpec
 from .warden import MARK_VAR, Warden
 
@@ -84,6 +87,24 @@ class Backend:
     check: Check = refuse_gpus  # before units are added or changed
     # async, runs for the daemon's life: restarts an embedded Ray head that died
     watch: Callable[[], Awaitable[None]] | None = None
+    # The units outlive the daemon (Ray agents, the agent process): `shutdown
+    # --detach` may leave them to the next daemon. Set `detached` to do so.
+    can_detach: bool = False
+    detached: bool = False
+
+
+AGENT_ENV = "DYNSUP_AGENT"  # "process" | "inprocess": over [daemon] agent (tests pin a mode)
+
+
+def open_local_backend(config: DaemonConfig, state_dir: Path) -> AsyncContextManager[Backend]:
+    """Without Ray: the agent process (the default), or the agent inside the daemon."""
+    mode = os.environ.get(AGENT_ENV, "").strip() or config.agent
+    if mode not in AGENT_MODES:
+        log.warning("agent.unknown_mode", mode=mode, using=config.agent)
+        mode = config.agent
+    if mode == "inprocess":
+        return open_local()
+    return open_agent_backend(state_dir, config.agent_orphan_timeout)
 
 
 @asynccontextmanager
@@ -99,9 +120,80 @@ async def open_local() -> AsyncIterator[Backend]:
             await anyio.to_thread.run_sync(warden.release)
 
 
-def _local_backend(agent: LocalAgent) -> Backend:
+@asynccontextmanager
+async def open_agent_backend(
+    state_dir: Path, orphan_timeout: float = 0.0
+) -> AsyncIterator[Backend]:
+    """The units under the agent process of the state directory (``agent = "process"``).
+
+    They outlive the daemon: the next one adopts them from the same agent.
+    Only an orderly stop that does not detach stops the agent itself.
+    """
+    from .agent_client import open_agent_process, shutdown_agent
+
+    async with open_agent_process(state_dir, orphan_timeout) as (client, found):
+        backend = _local_backend(client, start=int(client.info.get("cursor", 0)))
+        backend.can_detach = True
+        if found:
+            backend.adopt = partial(adopt_local, client)
+        yield backend
+        if not backend.detached:
+            with anyio.CancelScope(shield=True):
+                await shutdown_agent(client)
+
+
+async def adopt_local(
+    agent: Agent, engine: Engine, specs: Mapping[str, ServiceSpec], wanted: set[str]
+) -> None:
+    """Take over what the agent still hosts for a previous daemon; stop what no longer matches.
+
+    The same rule as with Ray: a wanted unit whose spec has the fingerprint
+    it was spawned with (`Spawned.tag`) is adopted, pid and all; anything
+    else is stopped, dependents before what they require, before any unit
+    starts.
+    """
+    survivors = await agent.running()
+    keep = {
+        s.name
+        for s in survivors
+        if s.name in wanted and s.name in specs and s.tag == fingerprint(specs[s.name])
+    }
+    stale = {s.name for s in survivors if s.name not in keep}
+    await stop_in_order(agent, stale, specs)
+    for spawned in survivors:
+        if spawned.name in keep:
+            engine.adopt(spawned.name, Placement(agent=agent), spawned)
+            log.info("unit.adopted", unit=spawned.name, pid=spawned.pid)
+
+
+async def stop_in_order(agent: Agent, names: set[str], specs: Mapping[str, ServiceSpec]) -> None:
+    """Stop the named hosted groups, each after the ones among them that require it."""
+    done = {name: anyio.Event() for name in names}
+
+    async def stop_one(name: str) -> None:
+        for dependent, spec in specs.items():
+            if dependent in done and name in spec.requires:
+                await done[dependent].wait()
+        spec = specs.get(name)
+        stop_signal, timeout = (
+            (spec.stop_signal.name, spec.stop_timeout) if spec else ("SIGTERM", 10.0)
+        )
+        log.info("unit.stale_stopped", unit=name)
+        try:
+            await agent.stop(name, stop_signal, timeout)
+        except AgentError as exc:
+            log.error("unit.stale_stop_failed", unit=name, error=str(exc))
+        finally:
+            done[name].set()
+
+    async with anyio.create_task_group() as tg:
+        for name in names:
+            tg.start_soon(stop_one, name)
+
+
+def _local_backend(agent: Agent, start: int = 0) -> Backend:
     async def pump(on_batch: OnBatch) -> None:
-        cursor = 0
+        cursor = start
         while True:
             batch = await agent.next_chunks(cursor, timeout=30.0)
             on_batch(batch)
@@ -159,4 +251,5 @@ async def open_ray_backend(
             adopt=adopt,
             check=check,
             watch=runtime.keep_head,
+            can_detach=True,
         )

@@ -121,8 +121,11 @@ class Commands:
         gpu_table: Callable[[], Any] | None = None,
         check: StartCheck | None = None,
         resources: ResourceMonitor | None = None,
+        can_detach: bool | None = None,
     ) -> None:
         self._engine = engine
+        # Units that outlive the daemon (Ray agents, the agent process); default: with Ray.
+        self._can_detach = gpu_table is not None if can_detach is None else can_detach
         self._agent = agent
         self._hub = hub
         self._reread = reread
@@ -627,9 +630,12 @@ class Commands:
 
     async def shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
         detach = arg(args, "detach", bool, False)
-        if detach and self._gpu_table is None:
+        if detach and not self._can_detach:
             # In-process children would be orphans nobody can adopt.
-            raise CommandError(BAD_ARGUMENTS, "--detach needs Ray agents to keep the units running")
+            raise CommandError(
+                BAD_ARGUMENTS,
+                "--detach needs Ray agents or the agent process to keep the units running",
+            )
         self._shutting_down = True
         self._request_shutdown(detach)
         return {"shutting_down": True, "detach": detach}

@@ -10,6 +10,10 @@ socket_group = ""              # group allowed to act (socket mode 0660)
 readonly_group = ""            # group allowed read-only verbs
 journal_rate_limit_interval = "30s"  # at most journal_rate_limit_burst lines of
 journal_rate_limit_burst = 10000     # one unit per interval go to journald (0: all)
+agent = "process"              # without Ray: "process" (units outlive a daemon restart)
+                               # | "inprocess" (units die with the daemon)
+agent_orphan_timeout = 0       # "process": with no daemon for this long, the agent
+                               # stops every unit and exits (0: waits forever)
 
 [ray]
 enabled = "auto"               # true | false | "auto" (on when a unit asks for GPUs)
@@ -35,6 +39,7 @@ from .units.errors import MAX_INT, Invalid, short_int
 from .units.tomlfile import TomlFileError, check_values, read_toml
 
 DEFAULT_CONFIG = Path("/etc/dynsup/dynsupd.toml")
+AGENT_MODES = ("process", "inprocess")
 
 
 class ConfigError(Exception):
@@ -61,6 +66,8 @@ class DaemonConfig:
     journal_rate_limit_burst: int = 10000
     ray: RayConfig = field(default_factory=RayConfig)
     metrics_listen: str = ""  # HOST:PORT of /metrics; "" = off
+    agent: str = "process"  # "process" | "inprocess"; $DYNSUP_AGENT overrides
+    agent_orphan_timeout: float = 0.0  # 0: the agent process waits for a daemon forever
     source: str = ""
 
 
@@ -73,6 +80,8 @@ _DAEMON_KEYS: dict[str, type | tuple[type, ...]] = {
     "readonly_group": str,
     "journal_rate_limit_interval": (int, float, str),
     "journal_rate_limit_burst": int,
+    "agent": str,
+    "agent_orphan_timeout": (int, float, str),
 }
 _RAY_KEYS: dict[str, type | tuple[type, ...]] = {
     "enabled": (bool, str),
@@ -149,6 +158,12 @@ def load_config(path: Path | None) -> DaemonConfig:
             daemon["journal_rate_limit_interval"] = parse_duration(interval)
         except Invalid as exc:
             errors.append(f"{path}: daemon.journal_rate_limit_interval: {exc}")
+        if daemon.get("agent", "process") not in AGENT_MODES:
+            errors.append(f'{path}: daemon.agent: expected "process" or "inprocess"')
+        try:
+            daemon["agent_orphan_timeout"] = parse_duration(daemon.get("agent_orphan_timeout", 0))
+        except Invalid as exc:
+            errors.append(f"{path}: daemon.agent_orphan_timeout: {exc}")
         burst = daemon.get("journal_rate_limit_burst", 10000)
         if isinstance(burst, int) and burst < 0:
             errors.append(
@@ -168,6 +183,8 @@ def load_config(path: Path | None) -> DaemonConfig:
         journal_rate_limit_interval=daemon.get("journal_rate_limit_interval", 30.0),
         journal_rate_limit_burst=daemon.get("journal_rate_limit_burst", 10000),
         ray=RayConfig(**ray),
+        agent=daemon.get("agent", "process"),
+        agent_orphan_timeout=daemon.get("agent_orphan_timeout", 0.0),
         metrics_listen=listen if isinstance(listen, str) else "",
         source=str(path),
     )

@@ -36,7 +36,7 @@ from anyio.abc import TaskStatus
 
 from . import __version__
 from .agent_api import ChunkBatch
-from .backends import Backend, open_local, open_ray_backend, ray_wanted
+from .backends import Backend, open_local_backend, open_ray_backend, ray_wanted
 from .commands import Commands
 from .config import ConfigError, DaemonConfig, RayConfig, load_config
 from .control.paths import socket_path
@@ -357,7 +357,7 @@ class Daemon:
                 ray, settings.state_dir, instance_name(settings.state_dir)
             )
         else:
-            backend_context = open_local()
+            backend_context = open_local_backend(settings.config, settings.state_dir)
         async with backend_context as backend:
             # No up-front GPU check: what a previous daemon left running is
             # adopted first, and a wanted unit that cannot be placed then goes
@@ -400,6 +400,7 @@ class Daemon:
                 gpu_table=backend.gpu_table,
                 check=backend.check,
                 resources=monitor,
+                can_detach=backend.can_detach,
             )
             handlers = commands.handlers()
             if self.settings.metrics:
@@ -446,6 +447,7 @@ class Daemon:
             notifier.stopping()
             if self.detach:
                 log.info("daemon.detaching")
+                backend.detached = True
                 await engine.detach_all()
             else:
                 await engine.stop_all()

@@ -1,0 +1,274 @@
+"""The agent process: hosts the units' process groups so that they outlive a daemon.
+
+    python -m dynsup.agent_host --socket STATE_DIR/agent.sock [--orphan-timeout S]
+
+Without Ray, the daemon starts this small process in a session of its own
+(``agent = "process"``, the default) instead of hosting `LocalAgent`
+inside itself. It owns the process groups, their output pipes and their
+ring buffers, and serves the `Agent` contract on a Unix socket (mode 0600,
+peers of its own uid only; the wire is `agent_wire`). A daemon that dies,
+even by SIGKILL, leaves it and its units running: the next daemon connects,
+adopts what matches its specs and stops the rest, as it does with Ray's
+detached agents, and the output continues from where the last daemon read
+it (the agent keeps the pump's cursor, see ``hello``).
+
+It stops its units only when asked: ``shutdown`` (an orderly daemon stop),
+SIGTERM/SIGINT, or after ``--orphan-timeout`` seconds with no daemon
+connected (0, the default: wait for the next daemon forever). If the agent
+process itself dies, its warden kills every unit, as before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import structlog
+from anyio.abc import SocketStream, TaskStatus
+
+from . import __version__
+from .agent import LocalAgent
+from .agent_api import ChunkBatch
+from .agent_wire import CANCEL, PROTOCOL, FrameError, picklable_error, receive_frame, send_frame
+from .control.peercred import peer_credentials
+from .logs import configure_logging
+from .warden import MARK_VAR, Warden
+
+log = structlog.get_logger("dynsup.agent_host")
+
+# The Agent contract, served as it is.
+AGENT_METHODS = frozenset(
+    {
+        "spawn",
+        "wait_leader_exit",
+        "wait_exit",
+        "stop",
+        "send_signal",
+        "read_log",
+        "tail_log",
+        "next_chunks",
+        "running",
+    }
+)
+# Finished even when the daemon that asked disconnects meanwhile: a half-done
+# spawn or stop would leave a group nobody knows the state of.
+_SHIELDED = frozenset({"spawn", "stop", "shutdown"})
+
+
+class AgentHost:
+    """Serves one `LocalAgent` to the daemons that connect, one after another."""
+
+    def __init__(self, agent: LocalAgent, orphan_timeout: float = 0.0) -> None:
+        self.agent = agent
+        self.orphan_timeout = orphan_timeout
+        self.quit = anyio.Event()
+        self._clients = 0
+        self._clients_changed = anyio.Event()
+        # Where the last daemon's output pump had read up to: the next one
+        # resumes there, so journald gets what was printed in between, once.
+        self._cursor = 0
+
+    # -- calls beyond the Agent contract ------------------------------------------
+
+    async def hello(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL,
+            "version": __version__,
+            "pid": os.getpid(),
+            "cursor": self._cursor,
+            "node": self.agent.node,
+        }
+
+    async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
+        # Asking from cursor means everything before it has been received.
+        self._cursor = max(self._cursor, cursor)
+        return await self.agent.next_chunks(cursor, timeout)
+
+    async def shutdown(self) -> None:
+        """Stop every hosted group (each with its own stop signal and timeout), then exit."""
+        running = await self.agent.running()
+        async with anyio.create_task_group() as tg:
+            for spawned in running:
+                tg.start_soon(self._stop_quietly, spawned.name)
+        self.quit.set()
+
+    async def _stop_quietly(self, name: str) -> None:
+        hosted = self.agent._hosted.get(name)  # its stop settings
+        if hosted is None:
+            return
+        with contextlib.suppress(Exception):
+            await self.agent.stop(name, hosted.stop_signal, hosted.stop_timeout)
+
+    def method(self, name: str) -> Callable[..., Awaitable[Any]] | None:
+        if name in ("hello", "next_chunks", "shutdown"):
+            return getattr(self, name)  # type: ignore[no-any-return]
+        if name in AGENT_METHODS:
+            return getattr(self.agent, name)  # type: ignore[no-any-return]
+        return None
+
+    # -- connections -----------------------------------------------------------------
+
+    async def serve_connection(self, stream: SocketStream) -> None:
+        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        if peer_credentials(sock).uid != os.getuid():
+            await stream.aclose()
+            return
+        self._set_clients(+1)
+        log.info("agent.daemon_connected", daemons=self._clients)
+        calls: dict[int, anyio.CancelScope] = {}
+        send_lock = anyio.Lock()
+        buffer = bytearray()
+        try:
+            async with stream, anyio.create_task_group() as tg:
+                try:
+                    while True:
+                        call_id, name, args = await receive_frame(stream, buffer)
+                        if name == CANCEL:
+                            scope = calls.pop(call_id, None)
+                            if scope is not None:
+                                scope.cancel()
+                            continue
+                        scope = anyio.CancelScope(shield=name in _SHIELDED)
+                        calls[call_id] = scope
+                        tg.start_soon(
+                            self._answer, stream, send_lock, calls, scope, call_id, name, args
+                        )
+                except (
+                    anyio.EndOfStream,
+                    anyio.BrokenResourceError,
+                    FrameError,
+                    OSError,
+                    ValueError,
+                ):
+                    pass  # the daemon went away (or spoke nonsense): its calls end
+                tg.cancel_scope.cancel()
+        finally:
+            self._set_clients(-1)
+            log.info("agent.daemon_disconnected", daemons=self._clients)
+
+    async def _answer(
+        self,
+        stream: SocketStream,
+        send_lock: anyio.Lock,
+        calls: dict[int, anyio.CancelScope],
+        scope: anyio.CancelScope,
+        call_id: int,
+        name: str,
+        args: tuple[Any, ...],
+    ) -> None:
+        with scope:
+            method = self.method(name)
+            try:
+                if method is None:
+                    raise AttributeError(f"the agent has no call {name!r}")
+                reply = (call_id, True, await method(*args))
+            except Exception as exc:
+                reply = (call_id, False, picklable_error(exc))
+            calls.pop(call_id, None)
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                async with send_lock:
+                    await send_frame(stream, reply)
+
+    def _set_clients(self, delta: int) -> None:
+        self._clients += delta
+        self._clients_changed.set()
+        self._clients_changed = anyio.Event()
+
+    async def watch_orphaned(self) -> None:
+        """With an orphan timeout: no daemon for that long, stop everything and exit."""
+        if self.orphan_timeout <= 0:
+            return
+        while True:
+            while self._clients:
+                await self._clients_changed.wait()
+            with anyio.move_on_after(self.orphan_timeout) as waited:
+                while not self._clients:
+                    await self._clients_changed.wait()
+            if waited.cancelled_caught:
+                log.warning("agent.orphaned", seconds=self.orphan_timeout)
+                await self.shutdown()
+                return
+
+
+def take_lock(path: Path) -> int:
+    """One agent per state directory: a second one (two daemons racing) exits at once."""
+    lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise SystemExit(f"dynsup agent: another agent holds {path}.lock") from None
+    return lock_fd
+
+
+async def serve(path: Path, orphan_timeout: float) -> None:
+    lock_fd = take_lock(path)
+    warden = Warden(f"agent/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}")
+    try:
+        async with LocalAgent(env={MARK_VAR: warden.mark}, warden=warden) as agent:
+            host = AgentHost(agent, orphan_timeout)
+            # Mode 0600 is set before listen(): nobody else can ever connect.
+            listener = await anyio.create_unix_listener(path, mode=0o600)
+            async with listener, anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, host.serve_connection, tg)
+                tg.start_soon(host.watch_orphaned)
+                await tg.start(_watch_signals, host)
+                _report_ready()
+                log.info("agent.listening", path=str(path), pid=os.getpid())
+                await host.quit.wait()
+                tg.cancel_scope.cancel()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(warden.release)
+        os.close(lock_fd)
+        log.info("agent.stopped")
+
+
+async def _watch_signals(
+    host: AgentHost, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """SIGTERM/SIGINT: stop every unit and exit. SIGHUP and the rest: ignored."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                continue
+            log.info("agent.stopping", signal=signal.Signals(signum).name)
+            await host.shutdown()
+
+
+def _report_ready() -> None:
+    """One line on stdout (a pipe to the daemon that started us), then /dev/null there."""
+    with contextlib.suppress(OSError):
+        os.write(1, b"ready\n")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dynsup-agent")
+    parser.add_argument("--socket", required=True, type=Path)
+    parser.add_argument("--orphan-timeout", type=float, default=0.0)
+    parser.add_argument("--log-format", default="json")
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format)
+    anyio.run(serve, args.socket, args.orphan_timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
