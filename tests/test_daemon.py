@@ -113,7 +113,8 @@ def test_relative_state_dir_is_made_absolute(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_a_sigkilled_daemon_leaves_no_unit_behind(tmp_path: Path) -> None:
-    """Its warden kills every process of every unit, escapees included."""
+    """With the in-process agent, its warden kills every process of every unit, escapees
+    included."""
     units = tmp_path / "units"
     escapee = str(tmp_path / "escapee.pid")
     write_unit(
@@ -143,7 +144,9 @@ def test_a_sigkilled_daemon_leaves_no_unit_behind(tmp_path: Path) -> None:
     """,
     )
     write_unit(units, "plain", f"[service]\ncommand = {py_command('import time; time.sleep(600)')}")
-    with run_dynsupd(tmp_path, units) as daemon:
+    # The in-process agent: units die with their daemon (the agent process
+    # outlives it on purpose: tests/test_agent_process.py).
+    with run_dynsupd(tmp_path, units, env={"DYNSUP_AGENT": "inprocess"}) as daemon:
         daemon.wait_state("forker", "RUNNING")
         daemon.wait_state("plain", "RUNNING")
         status = daemon.ctl_json("status")["units"]

@@ -306,14 +306,23 @@ def test_setsid_escapee_with_an_empty_environment_dies_with_the_daemon(
     linger = 0.0 if cgroups else 3.0
     units = _escapee_unit(tmp_path, linger)
     env = {"DYNSUP_CGROUPS": "1" if cgroups else "0"}
+    if how == "SIGKILL":
+        # Only the in-process agent's units die with a killed daemon; the agent
+        # process keeps them for the next one (tests/test_agent_process.py).
+        env["DYNSUP_AGENT"] = "inprocess"
     with run_dynsupd(tmp_path, units, env=env) as daemon:
         daemon.wait_state("esc", "RUNNING")
         pids = _escapee_pids(daemon)
         if not cgroups:
             # The fallback attributes what a scan saw: let the middle process
             # exit (re-parenting the escapee) after the daemon's sampler ran.
+            # The subreaper is the agent: the daemon itself, or its agent process.
+            reaper = daemon.proc.pid
+            if how != "SIGKILL":
+                started = daemon.wait_event(lambda e: e.get("event") == "agent.started")
+                reaper = started["pid"]
             deadline = time.monotonic() + 30
-            while alive(pids[1]) and psutil.Process(pids[1]).ppid() != daemon.proc.pid:
+            while alive(pids[1]) and psutil.Process(pids[1]).ppid() != reaper:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         daemon.proc.send_signal(getattr(signal, how))

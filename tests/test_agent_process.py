@@ -1,0 +1,164 @@
+"""Without Ray, the units run under the agent process: a daemon restart never restarts them.
+
+A daemon killed with SIGKILL leaves the agent process and every unit
+running; the next daemon on the same state directory connects to the
+agent, adopts what matches its unit files (same pids), replaces what
+changed, and the output continues without a gap. Only an orderly stop
+that does not detach stops the units and the agent.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .daemon_helpers import DYNSUPCTL, Dynsupd, py_command, run_dynsupd, write_unit
+from .helpers import alive
+
+pytestmark = pytest.mark.anyio(False)
+
+TICKER = py_command("""
+    import time
+    i = 0
+    while True:
+        i += 1
+        print("tick", i, flush=True)
+        time.sleep(0.05)
+""")
+PROCESS = {"DYNSUP_AGENT": "process"}  # the default; pinned against the environment
+
+
+def write_units(units: Path, *, changed: bool = False) -> None:
+    write_unit(units, "base", f"[service]\ncommand = {TICKER}\nstart_seconds = 0.2\n")
+    write_unit(
+        units,
+        "top",
+        f"""
+        [unit]
+        requires = ["base"]
+        [service]
+        command = {TICKER}
+        start_seconds = 0.2
+        environment = {{ VERSION = "{2 if changed else 1}" }}
+        """,
+    )
+
+
+def pids(daemon: Dynsupd) -> dict[str, int]:
+    return {u["name"]: u["pid"] for u in daemon.ctl_json("status")["units"]}
+
+
+def ticks(daemon: Dynsupd, name: str) -> list[int]:
+    out = daemon.ctl("tail", "-n", "100000", name).stdout
+    return [int(line.split()[1]) for line in out.splitlines() if line.startswith("tick ")]
+
+
+def follows_beyond(daemon: Dynsupd, name: str, tick: int) -> bool:
+    """`tail -f` shows a tick after ``tick`` (within a generous deadline)."""
+    cmd = [DYNSUPCTL, "--socket", str(daemon.socket), "tail", "-f", "-n", "1", name]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as tail:
+        try:
+            assert tail.stdout is not None
+            deadline = time.monotonic() + 60
+            # The unit prints every 50 ms: readline never blocks for long.
+            for line in tail.stdout:
+                if line.startswith("tick ") and int(line.split()[1]) > tick:
+                    return True
+                if time.monotonic() > deadline:
+                    break
+            return False
+        finally:
+            tail.kill()
+
+
+def agent_pid(daemon: Dynsupd) -> int:
+    event = daemon.wait_event(lambda e: e.get("event") in ("agent.started", "agent.found"))
+    return int(event["pid"])
+
+
+def test_a_sigkilled_daemon_without_ray_leaves_its_units_to_the_next_which_adopts_them(
+    tmp_path: Path,
+) -> None:
+    units = tmp_path / "units"
+    write_units(units)
+    with run_dynsupd(tmp_path, units, env=PROCESS) as first:
+        first.wait_state("top", "RUNNING")
+        before = pids(first)
+        agent = agent_pid(first)
+        last_tick = max(ticks(first, "base"))
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(30)
+        # The daemon is gone; its agent and its units are not.
+        assert alive(agent) and alive(before["base"]) and alive(before["top"])
+        write_units(units, changed=True)  # top changes while no daemon runs
+
+    (tmp_path / "dynsupd.log").rename(tmp_path / "first.log")
+    with run_dynsupd(tmp_path, units, env=PROCESS) as second:
+        assert agent_pid(second) == agent  # the same agent, found again
+        second.wait_state("top", "RUNNING")
+        after = pids(second)
+        assert after["base"] == before["base"]  # adopted
+        assert after["top"] != before["top"]  # replaced
+        assert not alive(before["top"])
+        adopted = [e["unit"] for e in second.events() if e.get("event") == "unit.adopted"]
+        assert adopted == ["base"]
+        # The output goes on without a gap: the agent kept its ring, and
+        # printed on while no daemon ran.
+        seen = ticks(second, "base")
+        assert seen == list(range(1, len(seen) + 1)) and len(seen) > last_tick
+        # and `tail -f` follows what it prints from now on.
+        assert follows_beyond(second, "base", seen[-1])
+        assert second.stop() == 0
+    assert not alive(agent)
+    assert not alive(after["base"]) and not alive(after["top"])
+
+
+def test_shutdown_detach_leaves_the_units_and_shutdown_stops_them_and_the_agent(
+    tmp_path: Path,
+) -> None:
+    units = tmp_path / "units"
+    write_units(units)
+    with run_dynsupd(tmp_path, units, env=PROCESS) as first:
+        first.wait_state("top", "RUNNING")
+        before = pids(first)
+        agent = agent_pid(first)
+        # An upgrade: leave everything running for the next daemon.
+        done = first.ctl("shutdown", "--detach")
+        assert done.returncode == 0, done.stderr
+        assert first.proc.wait(60) == 0
+        assert alive(agent) and alive(before["base"]) and alive(before["top"])
+
+    (tmp_path / "dynsupd.log").rename(tmp_path / "first.log")
+    with run_dynsupd(tmp_path, units, env=PROCESS) as second:
+        assert agent_pid(second) == agent
+        second.wait_state("top", "RUNNING")
+        assert pids(second) == before  # both adopted
+        done = second.ctl("shutdown")
+        assert done.returncode == 0, done.stderr
+        assert second.proc.wait(60) == 0
+        # Gone when the daemon has exited, not some time later.
+        assert not alive(agent)
+        assert not alive(before["base"]) and not alive(before["top"])
+    assert not (tmp_path / "state" / "agent.sock").exists()
+
+
+def test_an_agent_left_without_a_daemon_past_its_orphan_timeout_stops_everything(
+    tmp_path: Path,
+) -> None:
+    units = tmp_path / "units"
+    write_units(units)
+    config = tmp_path / "dynsupd.toml"
+    config.write_text('[daemon]\nagent_orphan_timeout = "1s"\n')
+    with run_dynsupd(tmp_path, units, env=PROCESS, extra=["--config", str(config)]) as daemon:
+        daemon.wait_state("top", "RUNNING")
+        before = pids(daemon)
+        agent = psutil.Process(agent_pid(daemon))
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(30)
+        agent.wait(60)  # it gives up on its own
+        assert not alive(before["base"]) and not alive(before["top"])
