@@ -16,7 +16,10 @@ after another, each once the stack is RUNNING and serving again:
   RUNNING under a new pid;
 * ``restart worker``: ``dynsupctl restart tiny-1``;
 * ``scale 2→1→2``: ``dynsupctl scale tiny 1``, then ``scale tiny 2``;
-* ``kill -9 frontend``: SIGKILL of the first frontend's leader.
+* ``kill -9 frontend``: SIGKILL of the first frontend's leader;
+* ``kill -9 dynsupd``: SIGKILL of the daemon, then a new one on the same
+  state directory; "pids kept" counts the units whose pid is the same
+  after it settled (without Ray, the agent process keeps them).
 
 ``--frontends N`` runs the stack with ``frontend_replicas = N`` and makes
 the load a client with a list of addresses (what a client-side list or a
@@ -181,7 +184,7 @@ def main() -> int:
         root = Path(tmp)
         stack = make_stack(root, frontend_replicas=args.frontends)
         names = stack.all_units
-        with run_dynsupd(root, stack.units) as daemon:
+        with contextlib.ExitStack() as restarts, run_dynsupd(root, stack.units) as daemon:
             wait_running(daemon, stack)
             rows: list[tuple[str, Callable[[], None], str]] = []
 
@@ -214,6 +217,20 @@ def main() -> int:
                 ctl(daemon, "scale", "tiny", "1")
                 ctl(daemon, "scale", "tiny", "2")
 
+            def restart_daemon() -> None:
+                nonlocal daemon
+                before = {n: u["pid"] for n, u in status(daemon).items()}
+                daemon.proc.send_signal(signal.SIGKILL)
+                daemon.proc.wait(60)
+                (root / "dynsupd.log").rename(root / f"dynsupd-{time.time_ns()}.log")
+                daemon = restarts.enter_context(run_dynsupd(root, stack.units))
+                wait_running(daemon, stack)
+                after = {n: u["pid"] for n, u in status(daemon).items()}
+                kept = [n for n, pid in before.items() if pid and after.get(n) == pid]
+                print(f"  pids kept: {len(kept)} of {len(before)}")
+                notes["daemon"] = f" (pids kept: {len(kept)} of {len(before)})"
+
+            notes: dict[str, str] = {}
             model_file = stack.units / "tiny.toml"
             other_file = stack.units / "other.toml"
 
@@ -245,6 +262,7 @@ def main() -> int:
                 ("remove it", remove_model, "remove"),
                 ("restart worker", restart_worker, "restart"),
                 (f"kill -9 frontend (of {args.frontends})", kill_frontend, "frontend"),
+                ("kill -9 dynsupd, start it again", restart_daemon, "daemon"),
             ]
             table = []
             with Load(list(stack.frontends.values()), args.rate) as load:
@@ -260,6 +278,7 @@ def main() -> int:
                     action()
                     if key != "frontend" and status(daemon)["frontend"]["pid"] != frontend:
                         label += " (frontend restarted)"
+                    label += notes.get(key, "")
                     took = settle(daemon, load, names, start, 240)
                     failed, total, broken, streams, retried = load.since(start)
                     for at, error in load.errors:
