@@ -96,19 +96,10 @@ class AgentHost:
         return await self.agent.next_chunks(cursor, timeout)
 
     async def shutdown(self) -> None:
-        """Stop every hosted group (each with its own stop signal and timeout), then exit."""
-        running = await self.agent.running()
-        async with anyio.create_task_group() as tg:
-            for spawned in running:
-                tg.start_soon(self._stop_quietly, spawned.name)
+        """Exit: the agent stops every group it still hosts first (each with its own
+        stop signal and timeout); the caller waits for the process to end."""
+        log.info("agent.shutdown")
         self.quit.set()
-
-    async def _stop_quietly(self, name: str) -> None:
-        hosted = self.agent._hosted.get(name)  # its stop settings
-        if hosted is None:
-            return
-        with contextlib.suppress(Exception):
-            await self.agent.stop(name, hosted.stop_signal, hosted.stop_timeout)
 
     def method(self, name: str) -> Callable[..., Awaitable[Any]] | None:
         if name in ("hello", "next_chunks", "shutdown"):

@@ -81,3 +81,27 @@ def test_daemon_config_that_is_a_directory_is_a_config_error(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path)
     assert str(caught.value) == f"{tmp_path}: not a regular file"
+
+
+def test_the_agent_mode_and_its_orphan_timeout(tmp_path: Path) -> None:
+    default = load_config(write(tmp_path, "[daemon]\n"))
+    assert (default.agent, default.agent_orphan_timeout) == ("process", 0.0)
+    body = '[daemon]\nagent = "inprocess"\nagent_orphan_timeout = "10m"\n'
+    config = load_config(write(tmp_path, body))
+    assert (config.agent, config.agent_orphan_timeout) == ("inprocess", 600.0)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('agent = "ray"', 'daemon.agent: expected "process" or "inprocess"'),
+        ('agent_orphan_timeout = "later"', "daemon.agent_orphan_timeout: expected a duration"),
+    ],
+)
+def test_a_bad_agent_setting_is_refused_naming_the_key(
+    tmp_path: Path, body: str, message: str
+) -> None:
+    path = write(tmp_path, f"[daemon]\n{body}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert f"{path}: {message}" in str(caught.value)
