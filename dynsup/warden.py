@@ -1,5 +1,11 @@
 """The warden: a small process that kills what an agent started once the agent is gone.
 
+The agent is the agent process (`agent_host`, the default without Ray),
+the daemon itself (``agent = "inprocess"``) or a Ray agent actor. A daemon
+that dies is not the agent's death in the first case: the units run on
+and the next daemon adopts them; only the agent process's own death ends
+them here.
+
 Units run as session leaders in their own process groups, so when the
 process hosting their agent dies without clean-up (SIGKILL, OOM kill, a
 segfault) they are re-parented away and run on as orphans: a model server

@@ -81,12 +81,14 @@ def agent_pid(daemon: Dynsupd) -> int:
     return int(event["pid"])
 
 
+@pytest.mark.parametrize("cgroups", [True, False], ids=["cgroups", "process-groups"])
 def test_a_sigkilled_daemon_without_ray_leaves_its_units_to_the_next_which_adopts_them(
-    tmp_path: Path,
+    tmp_path: Path, cgroups: bool
 ) -> None:
     units = tmp_path / "units"
     write_units(units)
-    with run_dynsupd(tmp_path, units, env=PROCESS) as first:
+    env = {**PROCESS, "DYNSUP_CGROUPS": "1" if cgroups else "0"}
+    with run_dynsupd(tmp_path, units, env=env) as first:
         first.wait_state("top", "RUNNING")
         before = pids(first)
         agent = agent_pid(first)
@@ -98,7 +100,7 @@ def test_a_sigkilled_daemon_without_ray_leaves_its_units_to_the_next_which_adopt
         write_units(units, changed=True)  # top changes while no daemon runs
 
     (tmp_path / "dynsupd.log").rename(tmp_path / "first.log")
-    with run_dynsupd(tmp_path, units, env=PROCESS) as second:
+    with run_dynsupd(tmp_path, units, env=env) as second:
         assert agent_pid(second) == agent  # the same agent, found again
         second.wait_state("top", "RUNNING")
         after = pids(second)
