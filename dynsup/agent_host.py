@@ -39,8 +39,9 @@ from anyio.abc import SocketStream, TaskStatus
 
 from . import __version__
 from .agent import LocalAgent
-from .agent_api import ChunkBatch
+from .agent_api import ChunkBatch, ExitStatus
 from .agent_wire import CANCEL, PROTOCOL, FrameError, picklable_error, receive_frame, send_frame
+from .broadcast import Pulse
 from .control.peercred import peer_credentials
 from .logs import configure_logging
 from .warden import MARK_VAR, Warden
@@ -61,6 +62,8 @@ AGENT_METHODS = frozenset(
         "running",
     }
 )
+# How long an exit waits for the daemon's pump to take the output before it.
+PUMP_WAIT = 1.0
 # Finished even when the daemon that asked disconnects meanwhile: a half-done
 # spawn or stop would leave a group nobody knows the state of.
 _SHIELDED = frozenset({"spawn", "stop", "shutdown"})
@@ -74,10 +77,11 @@ class AgentHost:
         self.orphan_timeout = orphan_timeout
         self.quit = anyio.Event()
         self._clients = 0
-        self._clients_changed = anyio.Event()
+        self._clients_changed = Pulse()
         # Where the last daemon's output pump had read up to: the next one
         # resumes there, so journald gets what was printed in between, once.
         self._cursor = 0
+        self._cursor_moved = Pulse()
 
     # -- calls beyond the Agent contract ------------------------------------------
 
@@ -91,9 +95,34 @@ class AgentHost:
         }
 
     async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
-        # Asking from cursor means everything before it has been received.
-        self._cursor = max(self._cursor, cursor)
+        # Asking from cursor means everything up to it has been received and
+        # handed on (the daemon's pump asks again only after that).
+        if cursor > self._cursor:
+            self._cursor = cursor
+            self._cursor_moved.fire()
         return await self.agent.next_chunks(cursor, timeout)
+
+    async def wait_leader_exit(self, name: str) -> ExitStatus:
+        status = await self.agent.wait_leader_exit(name)
+        await self._pumped()
+        return status
+
+    async def wait_exit(self, name: str) -> ExitStatus:
+        status = await self.agent.wait_exit(name)
+        await self._pumped()
+        return status
+
+    async def _pumped(self) -> None:
+        """Until the daemon has the output printed before now (bounded: it may have no pump).
+
+        In-process, a unit's last lines are in the rings before anyone hears
+        of its exit; across the socket the exit must not overtake them either,
+        or the journal would get a last line cut in two.
+        """
+        last = self.agent.logs.last_seq
+        with anyio.move_on_after(PUMP_WAIT):
+            while self._cursor < last:
+                await self._cursor_moved.wait()
 
     async def shutdown(self) -> None:
         """Exit: the agent stops every group it still hosts first (each with its own
@@ -102,7 +131,7 @@ class AgentHost:
         self.quit.set()
 
     def method(self, name: str) -> Callable[..., Awaitable[Any]] | None:
-        if name in ("hello", "next_chunks", "shutdown"):
+        if name in ("hello", "next_chunks", "wait_leader_exit", "wait_exit", "shutdown"):
             return getattr(self, name)  # type: ignore[no-any-return]
         if name in AGENT_METHODS:
             return getattr(self.agent, name)  # type: ignore[no-any-return]
@@ -173,8 +202,7 @@ class AgentHost:
 
     def _set_clients(self, delta: int) -> None:
         self._clients += delta
-        self._clients_changed.set()
-        self._clients_changed = anyio.Event()
+        self._clients_changed.fire()
 
     async def watch_orphaned(self) -> None:
         """With an orphan timeout: no daemon for that long, stop everything and exit."""
