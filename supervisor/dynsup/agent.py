@@ -40,7 +40,8 @@ from .leaders import LeaderWatch
 from .lineage import SAMPLE_INTERVAL, Known, Lineage
 from .logs import LogStore
 from .logs.pump import PipeReader
-from .process import TOKEN_VAR, ProcessGroup, become_subreaper, signal_by_name
+from .process import TOKEN_VAR, ProcessGroup, become_subreaper
+from .signals import parse_signal
 from .warden import Warden
 
 log = structlog.get_logger("dynsup.agent")
@@ -243,7 +244,7 @@ class LocalAgent:
     async def stop(self, name: str, stop_signal: str, timeout: float) -> ExitStatus | None:
         hosted = self._get(name)
         if not hosted.done.is_set():
-            await hosted.group.terminate(signal_by_name(stop_signal), timeout)
+            await hosted.group.terminate(parse_signal(stop_signal), timeout)
             await hosted.done.wait()
         return hosted.status
 
@@ -251,7 +252,7 @@ class LocalAgent:
         hosted = self._get(name)
         if hosted.done.is_set():
             raise NotRunning(f"{name} is not running")
-        hosted.group.send_signal(signal_by_name(sig))
+        hosted.group.send_signal(parse_signal(sig))
 
     async def read_log(self, name: str, stream: str, offset: int, limit: int) -> LogRead:
         start, data, end = self.logs.read(name, stream, offset, limit)
@@ -302,7 +303,7 @@ class LocalAgent:
             # What the leader left behind (an EngineCore holding GPU memory, say)
             # must be gone before anyone hears of the exit and restarts the unit.
             with anyio.CancelScope(shield=True):
-                await group.terminate(signal_by_name(hosted.stop_signal), hosted.stop_timeout)
+                await group.terminate(parse_signal(hosted.stop_signal), hosted.stop_timeout)
         except StopFailed as exc:
             # Processes SIGKILL cannot end: the unit must not restart next to
             # them. Keep trying, unshielded, so the agent's own exit still ends this.

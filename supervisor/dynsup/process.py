@@ -49,7 +49,6 @@ import psutil
 from .agent_api import ExitStatus, SpawnError, StopFailed
 from .cgroups import UnitCgroup
 from .lineage import Known, Lineage, Scan, is_same, read_stat
-from .signals import parse_signal
 
 TOKEN_VAR = "DYNSUP_TOKEN"
 _PR_SET_CHILD_SUBREAPER = 36
@@ -71,10 +70,6 @@ def become_subreaper() -> bool:
         return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
-
-
-def signal_by_name(name: str | int) -> signal.Signals:
-    return parse_signal(name)
 
 
 def exit_status_from_wait(status: int) -> ExitStatus:

@@ -29,6 +29,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from ..signals import parse_signal
 from .durations import parse_duration, parse_positive_duration
 from .errors import (
     Invalid,
@@ -278,20 +279,17 @@ def as_exit_codes(value: object) -> tuple[int, ...]:
 
 def as_signal(value: object) -> signal.Signals:
     """A signal by name ("SIGTERM", "TERM", any case) or by number."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return signal.Signals(value)
-        except ValueError:
-            raise Invalid(f"no signal has the number {value} on this system") from None
-    if not isinstance(value, str):
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise expected('a signal name such as "SIGTERM" or "TERM", or a number', value)
-    name = value.strip().upper()
-    if not name.startswith("SIG"):
-        name = "SIG" + name
     try:
-        return signal.Signals[name]
-    except KeyError:
-        guess = did_you_mean(name, signal.Signals.__members__)
+        return parse_signal(value)
+    except ValueError:
+        if isinstance(value, int):
+            raise Invalid(f"no signal has the number {value} on this system") from None
+        name = value.strip().upper()
+        guess = did_you_mean(
+            name if name.startswith("SIG") else "SIG" + name, signal.Signals.__members__
+        )
         hint = f"; did you mean {show(guess)}?" if guess else ""
         raise Invalid(f"unknown signal {show(value)}{hint}") from None
 
