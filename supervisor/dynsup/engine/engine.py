@@ -783,11 +783,15 @@ class Engine:
 
     def _unblock_dependents(self, name: str) -> None:
         """A requirement is RUNNING again: its wanted dependents that gave up on it start."""
-        for dependent in self._dependents_map().get(name, ()):
-            unit = self._units[dependent]
-            if unit.blocked and unit.wanted and not unit.active:
-                log.info("unit.requirement_back", unit=dependent, requires=name)
-                self.start_nowait(dependent)
+        # Called on every RUNNING: a scan for the blocked, not a dependents map built anew.
+        back = [
+            dependent
+            for dependent, unit in self._units.items()
+            if unit.blocked and unit.wanted and not unit.active and name in unit.spec.requires
+        ]
+        for dependent in back:
+            log.info("unit.requirement_back", unit=dependent, requires=name)
+            self.start_nowait(dependent)
 
     def _snapshot(self, unit: _Unit) -> UnitStatus:
         return UnitStatus(
