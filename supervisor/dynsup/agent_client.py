@@ -31,7 +31,7 @@ import structlog
 from anyio.abc import SocketStream, TaskGroup
 
 from .agent_api import AgentError, ChunkBatch, ExitStatus, LogRead, Spawned, SpawnRequest
-from .agent_wire import CANCEL, PROTOCOL, FrameError, receive_frame, send_frame
+from .agent_wire import CANCEL, PROTOCOL, FrameError, FrameReader, send_frame
 
 log = structlog.get_logger("dynsup.agent_client")
 
@@ -63,10 +63,10 @@ class AgentClient:
         tg.start_soon(self._read)
 
     async def _read(self) -> None:
-        buffer = bytearray()
+        frames = FrameReader(self._stream)
         try:
             while True:
-                call_id, ok, value = await receive_frame(self._stream, buffer)
+                call_id, ok, value = await frames.receive()
                 pending = self._pending.pop(call_id, None)
                 if pending is not None:
                     pending.ok, pending.value = ok, value

@@ -40,7 +40,7 @@ from anyio.abc import SocketStream, TaskStatus
 from . import __version__
 from .agent import LocalAgent
 from .agent_api import ChunkBatch, ExitStatus
-from .agent_wire import CANCEL, PROTOCOL, FrameError, picklable_error, receive_frame, send_frame
+from .agent_wire import CANCEL, PROTOCOL, FrameError, FrameReader, picklable_error, send_frame
 from .broadcast import Pulse
 from .control.peercred import peer_credentials
 from .logs import configure_logging
@@ -148,12 +148,12 @@ class AgentHost:
         log.info("agent.daemon_connected", daemons=self._clients)
         calls: dict[int, anyio.CancelScope] = {}
         send_lock = anyio.Lock()
-        buffer = bytearray()
+        frames = FrameReader(stream)
         try:
             async with stream, anyio.create_task_group() as tg:
                 try:
                     while True:
-                        call_id, name, args = await receive_frame(stream, buffer)
+                        call_id, name, args = await frames.receive()
                         if name == CANCEL:
                             scope = calls.pop(call_id, None)
                             if scope is not None:

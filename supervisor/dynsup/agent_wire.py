@@ -16,6 +16,7 @@ Frames: 4-byte big-endian length, then a pickled tuple. Requests are
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 from typing import Any
@@ -26,6 +27,7 @@ PROTOCOL = 1
 CANCEL = "__cancel__"
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20  # a log read is at most a ring (1 MiB); anything bigger is a bug
+_RECEIVE_SIZE = 1 << 20
 
 
 class FrameError(Exception):
@@ -33,25 +35,48 @@ class FrameError(Exception):
 
 
 async def send_frame(stream: ByteStream, value: Any) -> None:
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    await stream.send(_HEADER.pack(len(data)) + data)
+    frame = io.BytesIO()
+    frame.write(bytes(_HEADER.size))
+    pickle.dump(value, frame, protocol=pickle.HIGHEST_PROTOCOL)
+    view = frame.getbuffer()
+    _HEADER.pack_into(view, 0, len(view) - _HEADER.size)
+    await stream.send(view)  # type: ignore[arg-type]  # a buffer, sent without a copy
 
 
-async def receive_frame(stream: ByteStream, buffer: bytearray) -> Any:
-    """The next frame; ``buffer`` keeps what was read beyond it. EndOfStream at EOF."""
-    while True:
-        if len(buffer) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buffer)
-            if size > MAX_FRAME:
-                raise FrameError(f"frame of {size} bytes")
-            if len(buffer) >= _HEADER.size + size:
-                data = bytes(buffer[_HEADER.size : _HEADER.size + size])
-                del buffer[: _HEADER.size + size]
-                try:
-                    return pickle.loads(data)
-                except Exception as exc:
-                    raise FrameError(f"undecodable frame: {exc}") from exc
-        buffer += await stream.receive(1 << 16)
+class FrameReader:
+    """Reads frames from one stream.
+
+    A log batch is a frame of up to a few MiB: its pieces are gathered as
+    they come and joined once, not appended to a growing buffer (each
+    append, slice and trim of which is a copy of the frame).
+    """
+
+    def __init__(self, stream: ByteStream) -> None:
+        self._stream = stream
+        self._pieces: list[bytes | memoryview] = []
+        self._held = 0  # bytes in _pieces
+
+    async def receive(self) -> Any:
+        """The next frame's value. EndOfStream at EOF; FrameError for garbage."""
+        (size,) = _HEADER.unpack(await self._take(_HEADER.size))
+        if size > MAX_FRAME:
+            raise FrameError(f"frame of {size} bytes")
+        data = await self._take(size)
+        try:
+            return pickle.loads(data)
+        except Exception as exc:
+            raise FrameError(f"undecodable frame: {exc}") from exc
+
+    async def _take(self, size: int) -> memoryview:
+        while self._held < size:
+            piece = await self._stream.receive(_RECEIVE_SIZE)
+            self._pieces.append(piece)
+            self._held += len(piece)
+        pieces = self._pieces
+        joined = memoryview(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        self._pieces = [joined[size:]] if len(joined) > size else []
+        self._held = len(joined) - size
+        return joined[:size]
 
 
 def picklable_error(exc: BaseException) -> BaseException:

@@ -318,10 +318,7 @@ class Commands:
                 missed = max(0, chunk.offset - position)
                 data = chunk.data[max(0, position - chunk.offset) :]
                 positions[chunk.stream] = end
-                if tagged:
-                    yield {**LogData(data, missed).as_json(), "stream": chunk.stream}
-                else:
-                    yield LogData(data, missed)
+                yield LogData(data, missed, chunk.stream if tagged else None)
         finally:
             follower.close()
 

@@ -188,16 +188,23 @@ def encode(message: dict[str, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class LogData:
-    """A `tail -f` event, ``{"data": text, "missed": n}`` on the wire, kept as bytes
-    until it is sent: plain text is escaped with a few bytes.replace calls, several
-    times faster than json.dumps (which a log flood would otherwise spend the
-    daemon's CPU on)."""
+    """A `tail -f` event, ``{"data": text, "missed": n}`` on the wire (and
+    ``"stream"`` when one is named), kept as bytes until it is sent: plain text
+    is escaped with a few bytes.replace calls, several times faster than
+    json.dumps (which a log flood would otherwise spend the daemon's CPU on)."""
 
     data: bytes
     missed: int
+    stream: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"data": self.data.decode("utf-8", "replace"), "missed": self.missed}
+        event: dict[str, Any] = {
+            "data": self.data.decode("utf-8", "replace"),
+            "missed": self.missed,
+        }
+        if self.stream is not None:
+            event["stream"] = self.stream
+        return event
 
 
 # Printable ASCII, newline and tab: JSON only escapes \\, \", \n and \t of them.
@@ -216,7 +223,12 @@ def encode_event(request_id: RequestId, event: Any) -> bytes:
         .replace(b"\n", b"\\n")
         .replace(b"\t", b"\\t")
     )
-    line = encode(event_reply(request_id, {"missed": event.missed, "data": ""}))
+    head = (
+        {"missed": event.missed}
+        if event.stream is None
+        else {"missed": event.missed, "stream": event.stream}
+    )
+    line = encode(event_reply(request_id, {**head, "data": ""}))
     assert line.endswith(b'""}}\n')
     return line[:-4] + text + line[-4:]
 
