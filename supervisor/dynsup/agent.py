@@ -39,6 +39,7 @@ from .cgroups import AgentCgroups, CgroupUnavailable, enabled_by_env
 from .leaders import LeaderWatch
 from .lineage import SAMPLE_INTERVAL, Known, Lineage
 from .logs import LogStore
+from .logs.follow import follow_rings
 from .logs.pump import PipeReader
 from .process import TOKEN_VAR, ProcessGroup, become_subreaper
 from .signals import parse_signal
@@ -262,6 +263,16 @@ class LocalAgent:
         start = self.logs.tail_offset(name, stream, lines)
         end = self.logs.end(name, stream)
         return await self.read_log(name, stream, start, end - start)
+
+    async def follow(
+        self,
+        client: socket.socket,
+        request_id: int | str | None,
+        name: str,
+        positions: dict[str, int],
+        tagged: bool,
+    ) -> bool:
+        return await follow_rings(self.logs, client, request_id, name, positions, tagged=tagged)
 
     async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
         await self.logs.wait_beyond(cursor, timeout)

@@ -9,8 +9,9 @@ name (a unit, or a unit's replica/rank such as ``llama-0-r1``).
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class AgentError(Exception):
@@ -154,4 +155,22 @@ class Agent(Protocol):
 
     async def running(self) -> list[Spawned]:
         """Every process hosted here now (adoption after a daemon restart)."""
+        ...
+
+
+@runtime_checkable
+class ServesFollowers(Protocol):
+    """An agent on the daemon's own host, which can write a `tail -f` straight to
+    the client's socket from its rings (the daemon relays for the others)."""
+
+    async def follow(
+        self,
+        client: socket.socket,
+        request_id: int | str | None,
+        name: str,
+        positions: dict[str, int],
+        tagged: bool,
+    ) -> bool:
+        """Write ``name``'s output past ``positions`` to ``client`` as tail events until
+        the client leaves (returns False) or the call is cancelled."""
         ...

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -31,7 +32,7 @@ import structlog
 from anyio.abc import SocketStream, TaskGroup
 
 from .agent_api import AgentError, ChunkBatch, ExitStatus, LogRead, Spawned, SpawnRequest
-from .agent_wire import CANCEL, PROTOCOL, FrameError, FrameReader, send_frame
+from .agent_wire import CANCEL, FOLLOW, PROTOCOL, FrameError, FrameReader, send_frame
 
 log = structlog.get_logger("dynsup.agent_client")
 
@@ -60,6 +61,7 @@ class AgentClient:
         self._send_lock = anyio.Lock()
         self._lost: str | None = None
         self.info: dict[str, Any] = {}
+        self.path: Path | None = None  # the agent's socket, for connections of their own
         tg.start_soon(self._read)
 
     async def _read(self) -> None:
@@ -107,6 +109,33 @@ class AgentClient:
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+    async def follow(
+        self,
+        client: socket.socket,
+        request_id: int | str | None,
+        name: str,
+        positions: dict[str, int],
+        tagged: bool,
+    ) -> bool:
+        """Hand the client's socket to the agent process, which writes the follow from
+        its rings; until it ends (cancel this to end it)."""
+        if self.path is None:
+            return False
+        try:
+            side = await anyio.connect_unix(self.path)
+        except OSError as exc:
+            log.warning("agent.follow_failed", error=str(exc))
+            return False
+        async with side:
+            try:
+                await side.send_fds(FOLLOW, [client.fileno()])
+                await send_frame(side, (request_id, name, positions, tagged))
+                return bool(await FrameReader(side).receive())
+            except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError, OSError):
+                # The agent went away mid-follow: a partial event may be out, so the
+                # client's connection cannot carry on.
+                return False
 
     # -- the Agent contract ------------------------------------------------------
 
@@ -194,6 +223,7 @@ async def _connect(path: Path, tg: TaskGroup) -> AgentClient | None:
     except (FileNotFoundError, ConnectionRefusedError):
         return None
     client = AgentClient(stream, tg)
+    client.path = path
     try:
         client.info = await client.call("hello")
     except AgentError:

@@ -40,7 +40,15 @@ from anyio.abc import SocketStream, TaskStatus
 from . import __version__
 from .agent import LocalAgent
 from .agent_api import ChunkBatch, ExitStatus
-from .agent_wire import CANCEL, PROTOCOL, FrameError, FrameReader, picklable_error, send_frame
+from .agent_wire import (
+    CANCEL,
+    FOLLOW,
+    PROTOCOL,
+    FrameError,
+    FrameReader,
+    picklable_error,
+    send_frame,
+)
 from .broadcast import Pulse
 from .control.peercred import peer_credentials
 from .logs import configure_logging
@@ -144,11 +152,21 @@ class AgentHost:
         if peer_credentials(sock).uid != os.getuid():
             await stream.aclose()
             return
+        try:
+            first, fds = await stream.receive_fds(1, 1)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError, RuntimeError):
+            await stream.aclose()
+            return
+        if first == FOLLOW and len(fds) == 1:
+            await self.serve_follow(stream, socket.socket(fileno=fds[0]))
+            return
+        for fd in fds:  # a descriptor nobody asked for
+            os.close(fd)
         self._set_clients(+1)
         log.info("agent.daemon_connected", daemons=self._clients)
         calls: dict[int, anyio.CancelScope] = {}
         send_lock = anyio.Lock()
-        frames = FrameReader(stream)
+        frames = FrameReader(stream, first)
         try:
             async with stream, anyio.create_task_group() as tg:
                 try:
@@ -176,6 +194,31 @@ class AgentHost:
         finally:
             self._set_clients(-1)
             log.info("agent.daemon_disconnected", daemons=self._clients)
+
+    async def serve_follow(self, stream: SocketStream, client: socket.socket) -> None:
+        """A `tail -f` handed over by the daemon: write it until the client leaves
+        or the daemon closes this connection (it ended the follow, or died)."""
+        alive = True
+        try:
+            async with stream, anyio.create_task_group() as tg:
+                frames = FrameReader(stream)
+                try:
+                    request_id, name, positions, tagged = await frames.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError, ValueError):
+                    return
+
+                async def until_daemon_leaves() -> None:
+                    with contextlib.suppress(Exception):
+                        await frames.receive()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(until_daemon_leaves)
+                alive = await self.agent.follow(client, request_id, name, positions, tagged)
+                with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                    await send_frame(stream, alive)
+                tg.cancel_scope.cancel()
+        finally:
+            client.close()
 
     async def _answer(
         self,

@@ -12,6 +12,12 @@ daemon that finds another one replaces that agent (see `agent_client`).
 Frames: 4-byte big-endian length, then a pickled tuple. Requests are
 ``(id, method, args)``; ``(id, CANCEL, ())`` abandons a call; answers are
 ``(id, ok, value)`` where value is the result or the exception raised.
+
+A connection that starts with the byte `FOLLOW` (and a descriptor) is not
+a call connection: it hands the agent a `tail -f` client's socket, then
+one frame ``(request_id, name, positions, tagged)``; the agent writes the
+follow to that socket and answers one frame, whether the client is still
+there, once it ends (the client left, or the daemon closed the connection).
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from anyio.abc import ByteStream
 
 PROTOCOL = 1
 CANCEL = "__cancel__"
+# The first byte of a connection that hands over a `tail -f` client: it
+# carries the client's socket (SCM_RIGHTS). A call connection starts with a
+# frame, whose first byte (the top of a length under MAX_FRAME) is never this.
+FOLLOW = b"F"
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20  # a log read is at most a ring (1 MiB); anything bigger is a bug
 _RECEIVE_SIZE = 1 << 20
@@ -51,10 +61,11 @@ class FrameReader:
     append, slice and trim of which is a copy of the frame).
     """
 
-    def __init__(self, stream: ByteStream) -> None:
+    def __init__(self, stream: ByteStream, read: bytes = b"") -> None:
+        """``read``: what was already read from the stream."""
         self._stream = stream
-        self._pieces: list[bytes | memoryview] = []
-        self._held = 0  # bytes in _pieces
+        self._pieces: list[bytes | memoryview] = [read] if read else []
+        self._held = len(read)  # bytes in _pieces
 
     async def receive(self) -> Any:
         """The next frame's value. EndOfStream at EOF; FrameError for garbage."""

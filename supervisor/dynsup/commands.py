@@ -16,14 +16,14 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.to_thread
 import structlog
 
 from . import __version__
-from .agent_api import Agent, AgentError
+from .agent_api import Agent, AgentError, ServesFollowers
 from .broadcast import Feed
 from .control.protocol import (
     BAD_ARGUMENTS,
@@ -36,7 +36,7 @@ from .control.protocol import (
     arg,
     names_arg,
 )
-from .control.server import Stream
+from .control.server import Handoff, Stream
 from .engine import Engine, OutputHub, ReloadPlan, State, UnitStatus, UnknownUnit
 from .engine.output import ChunkFollower
 from .engine.placement import PlacementFailed
@@ -241,7 +241,7 @@ class Commands:
         present = self._engine.statistics(names)
         return Stream(state_events(feed, present, selected))
 
-    async def tail(self, args: dict[str, Any]) -> dict[str, Any] | Stream:
+    async def tail(self, args: dict[str, Any]) -> dict[str, Any] | Stream | Handoff:
         """The last lines of a unit's stream; with follow, then everything it prints.
 
         Without ``stream``: both streams (a Dynamo process writes everything to
@@ -267,8 +267,11 @@ class Commands:
         if not 0 <= lines <= _MAX_TAIL_LINES:
             raise CommandError(BAD_ARGUMENTS, f"'lines' must be 0..{_MAX_TAIL_LINES}")
         streams = STREAMS if stream is None else (stream,)
-        # Follow before reading, so nothing printed in between is lost.
-        follower = self._hub.follow(name) if follow else None
+        # The agent on this host writes the follow from its rings itself: under a
+        # flood, relaying it through the daemon cost more than reading the pipes.
+        served = follow and isinstance(self._agent, ServesFollowers)
+        # Else follow before reading, so nothing printed in between is lost.
+        follower = self._hub.follow(name) if follow and not served else None
         positions: dict[str, int] = {}
         parts = []
         try:
@@ -281,6 +284,14 @@ class Commands:
                 follower.close()
             raise
         first = {"data": parts[0]["data"], "missed": 0} if stream else {"parts": parts}
+        if served:
+            agent = cast(ServesFollowers, self._agent)
+            return Handoff(
+                first,
+                lambda sock, request_id: agent.follow(
+                    sock, request_id, name, positions, stream is None
+                ),
+            )
         if follower is None:
             return first
         return Stream(self._follow(follower, positions, first, tagged=stream is None))

@@ -57,7 +57,7 @@ from .protocol import (
     result_reply,
 )
 
-__all__ = ["AccessPolicy", "AlreadyRunning", "ControlServer", "Handler", "Stream"]
+__all__ = ["AccessPolicy", "AlreadyRunning", "ControlServer", "Handler", "Handoff", "Stream"]
 
 log = structlog.get_logger("dynsup.control")
 
@@ -87,6 +87,22 @@ class Stream:
 
     events: AsyncIterable[Any]
     final: Callable[[], Any] | None = None
+
+
+@dataclass
+class Handoff:
+    """A streaming reply whose events, after ``first``, someone else writes.
+
+    The server sends ``first`` as an event, then awaits ``serve(sock,
+    request_id)``, which writes further events straight to the client's
+    socket (`tail -f` served by the agent that holds the rings) and returns
+    True if the client is still there: the server then sends the result
+    (null) and reads the next request. The server neither reads nor writes
+    the socket meanwhile; ``serve`` must not leave a partial line behind.
+    """
+
+    first: Any
+    serve: Callable[[socket.socket, RequestId], Awaitable[bool]]
 
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -387,6 +403,8 @@ class _Connection:
             return
         if isinstance(outcome, Stream):
             await self.stream_events(request.id, outcome)
+        elif isinstance(outcome, Handoff):
+            await self.hand_off(request.id, outcome)
         else:
             await self.send(result_reply(request.id, outcome))
 
@@ -421,6 +439,12 @@ class _Connection:
                 tg.cancel_scope.cancel()
         if gone:
             raise _ClientGone
+
+    async def hand_off(self, request_id: RequestId, handoff: Handoff) -> None:
+        await self.send_bytes(encode_event(request_id, handoff.first))
+        if not await handoff.serve(self.io.sock, request_id):
+            raise _ClientGone
+        await self.send(result_reply(request_id, None))
 
     async def _pump(self, request_id: RequestId, stream: Stream) -> None:
         events = aiter(stream.events)

@@ -100,10 +100,11 @@ class RingBuffer:
         cap = self.capacity
         i = start % cap
         size = stop - start
-        if i + size <= cap:
-            data = bytes(self._buf[i : i + size])
-        else:
-            data = bytes(self._buf[i:]) + bytes(self._buf[: i + size - cap])
+        with memoryview(self._buf) as buf:  # one copy, not a slice's and then bytes'
+            if i + size <= cap:
+                data = bytes(buf[i : i + size])
+            else:
+                data = b"".join((buf[i:], buf[: i + size - cap]))
         return start, data, stop
 
     def tail_offset(self, n_lines: int) -> int:
