@@ -41,13 +41,23 @@ from dynsup.control.paths import (
     socket_path,
 )
 from dynsup.control.peercred import AccessPolicy
-from dynsup.control.protocol import MAX_LINE, CommandError
-from dynsup.control.server import AlreadyRunning, ControlServer, Stream
+from dynsup.control.protocol import MAX_LINE, CommandError, LogData
+from dynsup.control.server import AlreadyRunning, ControlServer, Handoff, Stream
 
 pytestmark = pytest.mark.anyio
 
 REPO = Path(__file__).resolve().parent.parent
 READ_ONLY = frozenset({"echo", "status", "count"})
+# Output as a program prints it: plain text, JSON's own specials, a newline
+# only, control bytes and UTF-8 cut in the middle of a character, nothing.
+LOG_PIECES = [
+    b"plain line\n",
+    b'a "quoted" \\ tab\t\n',
+    b"\n",
+    b"\x1b[31mred\x00\xc3",
+    b"\xa9\n",
+    b"",
+]
 
 
 class Probe:
@@ -132,7 +142,27 @@ def make_handlers(probe: Probe) -> dict[str, Any]:
 
         return Stream(events())
 
+    async def logs(args: dict[str, Any]) -> Any:
+        raw = protocol.arg(args, "raw", bool, False)
+
+        async def events() -> AsyncIterator[Any]:
+            for data in LOG_PIECES:
+                yield LogData(data, missed=len(data), stream="stderr", raw=raw)
+
+        return Stream(events())
+
+    async def handoff(args: dict[str, Any]) -> Any:
+        async def serve(sock: socket.socket, request_id: Any) -> bool:
+            # Another writer takes the socket: here, blocking writes of whole events.
+            sock.setblocking(True)
+            sock.sendall(protocol.encode_event(request_id, LogData(b"handed", 0, raw=True)))
+            return True
+
+        return Handoff({"first": True}, serve)
+
     return {
+        "logs": logs,
+        "handoff": handoff,
         "bad_event": bad_event,
         "echo": echo,
         "status": status,
@@ -589,6 +619,31 @@ async def test_regular_file_at_the_path_is_not_removed(sock_path: str) -> None:
 
 
 # -- the synchronous client --------------------------------------------------------
+
+
+async def test_log_events_raw_or_escaped_reach_the_client_as_printed(sock_path: str) -> None:
+    def conversation() -> None:
+        with Client(sock_path, timeout=10) as client:
+            for raw in (False, True):
+                events = list(client.stream("logs", {"raw": raw}))
+                assert [e["missed"] for e in events] == [len(p) for p in LOG_PIECES]
+                assert {e["stream"] for e in events} == {"stderr"}
+                # Both forms give the same text (a character cut across two
+                # events is replaced in each: the daemon's rule since before).
+                want = [p.decode("utf-8", "replace") for p in LOG_PIECES]
+                assert [e["data"] for e in events] == want, raw
+                assert all("size" not in e for e in events)
+            # The connection is still in step after raw bytes.
+            assert client.call("echo", {"after": True}) == {"after": True}
+            # A handed-off stream: the first event from the server, the rest from
+            # the other writer, then the server's result; the connection goes on.
+            replies = client.stream("handoff")
+            assert [e.get("data", e) for e in replies] == [{"first": True}, "handed"]
+            assert replies.result is None
+            assert client.call("echo", {"after": 2}) == {"after": 2}
+
+    async with running(sock_path):
+        await anyio.to_thread.run_sync(conversation)
 
 
 async def test_client_call_stream_and_errors(sock_path: str) -> None:

@@ -263,7 +263,7 @@ def test_requests_built_from_arguments() -> None:
     assert request("pid") == ("pid", {"name": None})
     assert request("tail", "-f", "-n", "5", "w", "stderr") == (
         "tail",
-        {"name": "w", "stream": "stderr", "lines": 5, "follow": True},
+        {"name": "w", "stream": "stderr", "lines": 5, "follow": True, "raw": True},
     )
     assert request("update", "--dry-run") == ("update", {"dry_run": True, "names": []})
     assert request("version") == ("version", {})

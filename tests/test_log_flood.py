@@ -10,6 +10,7 @@ printed is either received, in order and once, or announced as
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
 import subprocess
@@ -116,5 +117,5 @@ def test_a_flood_with_a_follower_keeps_the_daemon_bounded(tmp_path: Path) -> Non
     # it got are consecutive.
     assert len(got) > 0 and len(got) + missed() == printed, (len(got), missed(), printed)
     numbers = [int(line[:12]) for line in bytes(got).split(b"\n") if len(line) == 99]
-    breaks = sum(1 for a, b in zip(numbers, numbers[1:]) if b != a + 1)
+    breaks = sum(1 for a, b in itertools.pairwise(numbers) if b != a + 1)
     assert breaks <= len(re.findall(rb"bytes missed", bytes(notices))), breaks

@@ -271,8 +271,11 @@ class LocalAgent:
         name: str,
         positions: dict[str, int],
         tagged: bool,
+        raw: bool = False,
     ) -> bool:
-        return await follow_rings(self.logs, client, request_id, name, positions, tagged=tagged)
+        return await follow_rings(
+            self.logs, client, request_id, name, positions, tagged=tagged, raw=raw
+        )
 
     async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
         await self.logs.wait_beyond(cursor, timeout)

@@ -170,7 +170,9 @@ class ServesFollowers(Protocol):
         name: str,
         positions: dict[str, int],
         tagged: bool,
+        raw: bool = False,
     ) -> bool:
         """Write ``name``'s output past ``positions`` to ``client`` as tail events until
-        the client leaves (returns False) or the call is cancelled."""
+        the client leaves (returns False) or the call is cancelled. ``tagged``
+        events name their stream; ``raw`` ones carry the bytes after the line."""
         ...

@@ -117,6 +117,7 @@ class AgentClient:
         name: str,
         positions: dict[str, int],
         tagged: bool,
+        raw: bool = False,
     ) -> bool:
         """Hand the client's socket to the agent process, which writes the follow from
         its rings; until it ends (cancel this to end it)."""
@@ -130,7 +131,7 @@ class AgentClient:
         async with side:
             try:
                 await side.send_fds(FOLLOW, [client.fileno()])
-                await send_frame(side, (request_id, name, positions, tagged))
+                await send_frame(side, (request_id, name, positions, tagged, raw))
                 return bool(await FrameReader(side).receive())
             except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError, OSError):
                 # The agent went away mid-follow: a partial event may be out, so the

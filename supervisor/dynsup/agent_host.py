@@ -203,7 +203,7 @@ class AgentHost:
             async with stream, anyio.create_task_group() as tg:
                 frames = FrameReader(stream)
                 try:
-                    request_id, name, positions, tagged = await frames.receive()
+                    request_id, name, positions, tagged, raw = await frames.receive()
                 except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError, ValueError):
                     return
 
@@ -213,7 +213,7 @@ class AgentHost:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(until_daemon_leaves)
-                alive = await self.agent.follow(client, request_id, name, positions, tagged)
+                alive = await self.agent.follow(client, request_id, name, positions, tagged, raw)
                 with contextlib.suppress(anyio.BrokenResourceError, OSError):
                     await send_frame(stream, alive)
                 tg.cancel_scope.cancel()

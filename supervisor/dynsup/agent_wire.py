@@ -15,7 +15,7 @@ Frames: 4-byte big-endian length, then a pickled tuple. Requests are
 
 A connection that starts with the byte `FOLLOW` (and a descriptor) is not
 a call connection: it hands the agent a `tail -f` client's socket, then
-one frame ``(request_id, name, positions, tagged)``; the agent writes the
+one frame ``(request_id, name, positions, tagged, raw)``; the agent writes the
 follow to that socket and answers one frame, whether the client is still
 there, once it ends (the client left, or the daemon closed the connection).
 """

@@ -248,7 +248,10 @@ class Commands:
         stderr). The past lines come as ``{"parts": [{"stream", "data"}, ...]}``
         (the ring buffers keep no times, so stdout's and stderr's past cannot
         be interleaved); what follows, as ``{"stream", "data", "missed"}`` in
-        the order it was printed.
+        the order it was printed. With ``raw`` (follow of one unit), what
+        follows is ``{"stream", "missed", "size"}`` and that many bytes after
+        the line, as printed: no escaping in the daemon, no parsing in the
+        client.
 
         With ``names`` (several units, or "all") and follow: one stream of every
         named unit's output, each event naming its unit (both streams unless
@@ -260,6 +263,7 @@ class Commands:
         stream = args.get("stream")
         lines = arg(args, "lines", int, 10)
         follow = arg(args, "follow", bool, False)
+        raw = arg(args, "raw", bool, False)
         if not isinstance(name, str) or name not in self._engine.names():
             raise CommandError(BAD_NAME, f"no such unit: {name}", details=[str(name)])
         if stream is not None and stream not in STREAMS:
@@ -289,12 +293,12 @@ class Commands:
             return Handoff(
                 first,
                 lambda sock, request_id: agent.follow(
-                    sock, request_id, name, positions, stream is None
+                    sock, request_id, name, positions, stream is None, raw
                 ),
             )
         if follower is None:
             return first
-        return Stream(self._follow(follower, positions, first, tagged=stream is None))
+        return Stream(self._follow(follower, positions, first, tagged=stream is None, raw=raw))
 
     async def _tail_many(self, args: dict[str, Any]) -> Stream:
         names = self._select(args, empty_means_all=False)
@@ -313,7 +317,12 @@ class Commands:
 
     @staticmethod
     async def _follow(
-        follower: ChunkFollower, positions: dict[str, int], first: dict[str, Any], *, tagged: bool
+        follower: ChunkFollower,
+        positions: dict[str, int],
+        first: dict[str, Any],
+        *,
+        tagged: bool,
+        raw: bool,
     ) -> AsyncIterator[dict[str, Any] | LogData]:
         """``first``, then each chunk of the followed streams past ``positions``;
         ``tagged`` events name their stream (more than one is followed)."""
@@ -329,7 +338,7 @@ class Commands:
                 missed = max(0, chunk.offset - position)
                 data = chunk.data[max(0, position - chunk.offset) :]
                 positions[chunk.stream] = end
-                yield LogData(data, missed, chunk.stream if tagged else None)
+                yield LogData(data, missed, chunk.stream if tagged else None, raw)
         finally:
             follower.close()
 

@@ -587,6 +587,8 @@ def tail_request(ns: argparse.Namespace) -> dict[str, Any]:
         stream = names.pop()
     if len(names) == 1 and names != ["all"]:
         one: dict[str, Any] = {"name": names[0], "lines": ns.lines, "follow": ns.follow}
+        if ns.follow:
+            one["raw"] = True  # the output's bytes as they are: nothing to escape or parse
         if stream is not None:
             one["stream"] = stream
         return one

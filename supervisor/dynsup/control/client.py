@@ -152,10 +152,16 @@ class Client:
                 line = bytes(self._buf[:end])
                 del self._buf[: end + 1]
                 try:
-                    return _decode(line)
+                    message = _decode(line)
                 except ProtocolError:
                     self.close()  # out of step with the daemon: start afresh next time
                     raise
+                event = message.get("event")
+                if isinstance(event, dict) and isinstance(event.get("size"), int):
+                    # A raw tail event: its bytes follow the line.
+                    data = self._read_exactly(event.pop("size"), timeout)
+                    event["data"] = data.decode("utf-8", "replace")
+                return message
             if len(self._buf) > MAX_REPLY:
                 self.close()
                 raise ProtocolError(f"reply longer than {MAX_REPLY} bytes")
@@ -169,6 +175,32 @@ class Client:
                 self.close()
                 raise ConnectionLost("dynsupd closed the connection before replying")
             self._buf += chunk
+
+    def _read_exactly(self, size: int, timeout: float | None) -> bytes | bytearray:
+        assert self._sock is not None
+        if not 0 <= size <= MAX_REPLY:
+            self.close()
+            raise ProtocolError(f"raw event of {size} bytes")
+        if len(self._buf) >= size:
+            data = bytes(self._buf[:size])
+            del self._buf[:size]
+            return data
+        data = bytearray(size)
+        view = memoryview(data)
+        have = len(self._buf)
+        view[:have] = self._buf
+        self._buf.clear()
+        self._sock.settimeout(timeout)
+        while have < size:
+            try:
+                got = self._sock.recv_into(view[have:])
+            except (ConnectionResetError, BrokenPipeError):
+                got = 0
+            if not got:
+                self.close()
+                raise ConnectionLost("dynsupd closed the connection in the middle of an event")
+            have += got
+        return data
 
 
 class ReplyStream:

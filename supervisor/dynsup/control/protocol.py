@@ -189,22 +189,28 @@ def encode(message: dict[str, Any]) -> bytes:
 @dataclass(frozen=True)
 class LogData:
     """A `tail -f` event, ``{"data": text, "missed": n}`` on the wire (and
-    ``"stream"`` when one is named), kept as bytes until it is sent: plain text
-    is escaped with a few bytes.replace calls, several times faster than
-    json.dumps (which a log flood would otherwise spend the daemon's CPU on)."""
+    ``"stream"`` when one is named), kept as bytes until it is sent.
+
+    ``raw`` (the client asked for ``"raw": true``): the line says how many
+    bytes follow it, ``{"missed": n, "size": len}``, and the bytes follow
+    the newline as they were printed. Else plain text is escaped with a few
+    bytes.replace calls, several times faster than json.dumps (which a log
+    flood would otherwise spend the daemon's CPU on).
+    """
 
     data: bytes
     missed: int
     stream: str | None = None
+    raw: bool = False
+
+    def head(self) -> dict[str, Any]:
+        head: dict[str, Any] = {"missed": self.missed}
+        if self.stream is not None:
+            head["stream"] = self.stream
+        return head
 
     def as_json(self) -> dict[str, Any]:
-        event: dict[str, Any] = {
-            "data": self.data.decode("utf-8", "replace"),
-            "missed": self.missed,
-        }
-        if self.stream is not None:
-            event["stream"] = self.stream
-        return event
+        return {**self.head(), "data": self.data.decode("utf-8", "replace")}
 
 
 # Printable ASCII, newline and tab: JSON only escapes \\, \", \n and \t of them.
@@ -212,9 +218,14 @@ _PLAIN_TEXT = bytes(range(0x20, 0x7F)) + b"\n\t"
 
 
 def encode_event(request_id: RequestId, event: Any) -> bytes:
-    """One event reply as a line (what `encode(event_reply(...))` gives, faster for LogData)."""
+    """One event reply as a line (what `encode(event_reply(...))` gives, faster for
+    LogData), or for raw LogData a line and the bytes it announces."""
     if not isinstance(event, LogData):
         return encode(event_reply(request_id, event))
+    if event.raw:
+        return (
+            encode(event_reply(request_id, {**event.head(), "size": len(event.data)})) + event.data
+        )
     if event.data.translate(None, _PLAIN_TEXT):  # control bytes or UTF-8: the general way
         return encode(event_reply(request_id, event.as_json()))
     text = (
@@ -223,12 +234,7 @@ def encode_event(request_id: RequestId, event: Any) -> bytes:
         .replace(b"\n", b"\\n")
         .replace(b"\t", b"\\t")
     )
-    head = (
-        {"missed": event.missed}
-        if event.stream is None
-        else {"missed": event.missed, "stream": event.stream}
-    )
-    line = encode(event_reply(request_id, {**head, "data": ""}))
+    line = encode(event_reply(request_id, {**event.head(), "data": ""}))
     assert line.endswith(b'""}}\n')
     return line[:-4] + text + line[-4:]
 

@@ -39,11 +39,13 @@ async def follow_rings(
     positions: Mapping[str, int],
     *,
     tagged: bool,
+    raw: bool = False,
 ) -> bool:
     """Write ``name``'s output past ``positions`` (stream -> offset) to ``client``
     as tail events until the client leaves; returns False then.
 
-    ``tagged`` events name their stream. Cancel it to end the follow; the
+    ``tagged`` events name their stream; ``raw`` ones carry the bytes after
+    the line (`LogData`). Cancel it to end the follow; the
     caller owns the socket (this never closes it).
     """
     client.setblocking(False)
@@ -56,7 +58,7 @@ async def follow_rings(
         tg.start_soon(until_client_leaves)
         # OSError, TimeoutError: the client is gone or stopped reading.
         with contextlib.suppress(OSError, TimeoutError):
-            await _write(store, client, request_id, name, dict(positions), tagged)
+            await _write(store, client, request_id, name, dict(positions), tagged, raw)
         tg.cancel_scope.cancel()
     return False
 
@@ -68,6 +70,7 @@ async def _write(
     name: str,
     positions: dict[str, int],
     tagged: bool,
+    raw: bool,
 ) -> None:
     while True:
         # Read the sequence first: anything appended after it wakes the wait below.
@@ -81,7 +84,7 @@ async def _write(
             if not data:
                 continue
             positions[stream] = end
-            event = LogData(data, start - position, stream if tagged else None)
+            event = LogData(data, start - position, stream if tagged else None, raw)
             await _send(client, encode_event(request_id, event))
             wrote = True
         if not wrote:
