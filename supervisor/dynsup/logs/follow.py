@@ -92,13 +92,20 @@ async def _write(
 
 
 async def _send(client: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
+    try:
+        sent = client.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    if sent == len(data):
+        return  # the usual case: no timeout scope to set up (a flood sends thousands a second)
+    view = memoryview(data)[sent:]
     with anyio.fail_after(SEND_TIMEOUT):
         while view:
+            await anyio.wait_writable(client)
             try:
                 view = view[client.send(view) :]
             except (BlockingIOError, InterruptedError):
-                await anyio.wait_writable(client)
+                continue
 
 
 async def _wait_closed(client: socket.socket) -> None:
