@@ -164,3 +164,42 @@ def test_an_agent_left_without_a_daemon_past_its_orphan_timeout_stops_everything
         daemon.proc.wait(30)
         agent.wait(60)  # it gives up on its own
         assert not alive(before["base"]) and not alive(before["top"])
+
+
+def test_an_agent_process_that_dies_is_started_again_and_the_units_come_back(
+    tmp_path: Path,
+) -> None:
+    """Its warden kills its units; the daemon starts a new agent and each unit's
+    policy starts it again there. Before, every unit stayed FATAL ("internal
+    error: AgentProcessLost") until the daemon itself was restarted."""
+    units = tmp_path / "units"
+    write_units(units)
+    with run_dynsupd(tmp_path, units, env=PROCESS) as daemon:
+        daemon.wait_state("top", "RUNNING")
+        before = pids(daemon)
+        agent = agent_pid(daemon)
+        psutil.Process(agent).kill()
+        restarted = daemon.wait_event(lambda e: e.get("event") == "agent.restarted")
+        assert restarted["pid"] != agent and alive(restarted["pid"])
+        # Both units RUNNING again, new processes; the old ones are gone.
+        deadline = time.monotonic() + 60
+        while True:
+            now = daemon.ctl_json("status")["units"]
+            if all(u["state"] == "RUNNING" and u["pid"] not in before.values() for u in now):
+                break
+            assert time.monotonic() < deadline, now
+            time.sleep(0.1)  # polling status, bounded by the deadline
+        assert not alive(before["base"]) and not alive(before["top"])
+        assert all(psutil.Process(u["pid"]).ppid() == restarted["pid"] for u in now)
+        # Output flows again (the pump follows the new agent), and the daemon serves.
+        after = ticks(daemon, "top")
+        deadline = time.monotonic() + 30
+        while ticks(daemon, "top")[-1:] == after[-1:]:
+            assert time.monotonic() < deadline, "no output from the new agent's units"
+            time.sleep(0.1)  # polling tail, bounded by the deadline
+        done = daemon.ctl("shutdown")
+        assert done.returncode == 0, done.stderr
+        assert daemon.proc.wait(60) == 0
+        # The agent asked to go is not started again.
+        assert not alive(restarted["pid"])
+        assert [e.get("event") for e in daemon.events()].count("agent.started") == 2

@@ -4,8 +4,9 @@
 socket (`agent_wire`): many calls share one connection, each answered by
 id, so a long-poll (``next_chunks``, ``wait_leader_exit``) never holds up
 a ``spawn``. A call cancelled here is cancelled there too. When the
-connection breaks, every call fails with `AgentProcessLost` (an
-`AgentError`: the engine treats it like a lost Ray agent).
+connection breaks, every call in flight fails with `AgentProcessLost` (an
+`AgentError`: the engine treats it like a lost Ray agent), and `keep_agent`
+starts a new agent process; calls made meanwhile wait for it.
 
 `open_agent_process` finds the agent a previous daemon left in the state
 directory, or starts one in a session of its own, and leaves it running
@@ -31,13 +32,23 @@ import anyio.to_thread
 import structlog
 from anyio.abc import SocketStream, TaskGroup
 
-from .agent_api import AgentError, ChunkBatch, ExitStatus, LogRead, Spawned, SpawnRequest
+from .agent_api import (
+    AgentError,
+    ChunkBatch,
+    ExitStatus,
+    LogRead,
+    Spawned,
+    SpawnError,
+    SpawnRequest,
+)
 from .agent_wire import CANCEL, FOLLOW, PROTOCOL, FrameError, FrameReader, send_frame
 
 log = structlog.get_logger("dynsup.agent_client")
 
 SOCKET_NAME = "agent.sock"
 START_TIMEOUT = 60.0  # a loaded machine takes seconds to import Python packages
+RESTART_DELAY = 0.5  # after the agent process died, then doubling up to:
+MAX_RESTART_DELAY = 30.0
 
 
 class AgentProcessLost(AgentError):
@@ -56,13 +67,27 @@ class AgentClient:
 
     def __init__(self, stream: SocketStream, tg: TaskGroup) -> None:
         self._stream = stream
+        self._tg = tg
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._send_lock = anyio.Lock()
         self._lost: str | None = None
+        self.lost = anyio.Event()  # set when the connection breaks (see `keep_agent`)
+        self._replaced = anyio.Event()  # set when `reconnect` has a new connection
+        self.keep = False  # whether a broken connection waits for `keep_agent`'s new one
         self.info: dict[str, Any] = {}
         self.path: Path | None = None  # the agent's socket, for connections of their own
         tg.start_soon(self._read)
+
+    async def reconnect(self, stream: SocketStream) -> None:
+        """Speak over a new connection (to a new agent process) from now on."""
+        self._stream = stream
+        self._lost = None
+        self.lost = anyio.Event()
+        self._tg.start_soon(self._read)
+        self.info = await self.call("hello")
+        replaced, self._replaced = self._replaced, anyio.Event()
+        replaced.set()
 
     async def _read(self) -> None:
         frames = FrameReader(self._stream)
@@ -80,12 +105,17 @@ class AgentClient:
 
     def _fail_all(self, why: str) -> None:
         self._lost = why
+        self.lost.set()
         for pending in self._pending.values():
             pending.value = AgentProcessLost(why)
             pending.done.set()
         self._pending.clear()
 
     async def call(self, method: str, *args: Any) -> Any:
+        if self._lost is not None and self.keep and method != "hello":
+            # The agent process died: a new one is on its way (keep_agent).
+            with anyio.move_on_after(START_TIMEOUT):
+                await self._replaced.wait()
         if self._lost is not None:
             raise AgentProcessLost(self._lost)
         call_id = next(self._ids)
@@ -141,7 +171,12 @@ class AgentClient:
     # -- the Agent contract ------------------------------------------------------
 
     async def spawn(self, request: SpawnRequest) -> Spawned:
-        return await self.call("spawn", request)  # type: ignore[no-any-return]
+        try:
+            return await self.call("spawn", request)  # type: ignore[no-any-return]
+        except AgentProcessLost as exc:
+            # Not started (or killed with the agent by its warden): a failed
+            # start, retried by the unit's policy once an agent is back.
+            raise SpawnError(f"the agent process is down: {exc}") from None
 
     async def wait_leader_exit(self, name: str) -> ExitStatus:
         return await self.call("wait_leader_exit", name)  # type: ignore[no-any-return]
@@ -260,16 +295,47 @@ async def open_agent_process(
                 raise AgentError(f"the agent process started but {path} does not answer")
         else:
             log.info("agent.found", pid=client.info.get("pid"), version=client.info.get("version"))
+        client.keep = True
+        tg.start_soon(keep_agent, client, path, orphan_timeout)
         try:
             yield client, found
         finally:
+            client.keep = False  # closing this connection is not the agent's death
             with anyio.CancelScope(shield=True):
                 await client.aclose()
             tg.cancel_scope.cancel()
 
 
+async def keep_agent(client: AgentClient, path: Path, orphan_timeout: float) -> None:
+    """Start the agent process again whenever it dies, and reconnect ``client`` to it.
+
+    The dead agent's warden has killed its units: each one's run ends with
+    "agent lost", and its policy starts it again on the new agent. Without
+    this, one crash of the agent process (a bug, the OOM killer) left every
+    unit FATAL until the daemon itself was restarted.
+    """
+    while True:
+        await client.lost.wait()
+        if not client.keep:
+            return  # an orderly shutdown: the agent was asked to go
+        log.error("agent.lost", reason=client._lost)
+        delay = RESTART_DELAY
+        while client.keep:
+            try:
+                await _start_agent(path, orphan_timeout)
+                await client.reconnect(await anyio.connect_unix(path))
+            except (AgentError, OSError) as exc:
+                log.error("agent.restart_failed", error=str(exc), retry_in=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, MAX_RESTART_DELAY)
+                continue
+            log.info("agent.restarted", pid=client.info.get("pid"))
+            break
+
+
 async def shutdown_agent(client: AgentClient) -> None:
     """Stop every unit the agent still hosts, then wait until the agent process is gone."""
+    client.keep = False  # its end is not a crash: start no other
     pid = client.info.get("pid")
     pidfd = None
     if isinstance(pid, int):

@@ -240,7 +240,11 @@ class LogStore:
         """Wait until a chunk newer than ``cursor`` exists or ``timeout`` passes.
 
         Returns whether one exists. Cancellable; never consumes anything.
+        A cursor beyond the newest chunk (from a previous agent's life)
+        returns at once: `since` resyncs it.
         """
+        if cursor > self._last_seq:
+            return False
         with anyio.move_on_after(timeout):
             while self._last_seq <= cursor:
                 if self._appended is None:
