@@ -55,13 +55,14 @@ def running(proc: psutil.Process) -> bool:
 
 @asynccontextmanager
 async def open_engine(
-    *specs: ServiceSpec, after_exit: AfterExit | None = None
+    *specs: ServiceSpec, after_exit: AfterExit | None = None, **hooks: Any
 ) -> AsyncIterator[Engine]:
-    """An engine on the daemon's in-process backend, with output pumped to its hub."""
+    """An engine on the daemon's in-process backend, with output pumped to its hub;
+    ``hooks``: the Engine's other hooks (drain, admitted, ...)."""
     hub = OutputHub()
     async with (
         open_local() as backend,
-        Engine(placer=backend.placer, output=hub, after_exit=after_exit) as engine,
+        Engine(placer=backend.placer, output=hub, after_exit=after_exit, **hooks) as engine,
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(backend.pump, output_consumer(hub, None))

@@ -37,7 +37,7 @@ from .control.protocol import (
     names_arg,
 )
 from .control.server import Handoff, Stream
-from .engine import Engine, OutputHub, ReloadPlan, State, UnitStatus, UnknownUnit
+from .engine import Engine, OutputHub, ReloadPlan, Rollout, State, UnitStatus, UnknownUnit
 from .engine.output import ChunkFollower
 from .engine.placement import PlacementFailed
 from .engine.states import SETTLED_STATES
@@ -96,6 +96,18 @@ def resource_fields(usage: Usage | None) -> dict[str, Any]:
         "rss_bytes": usage.rss_bytes,
         "gpu_memory_bytes": usage.gpu_memory_bytes,
         "processes": usage.processes,
+    }
+
+
+def rollout_result(rollout: Rollout, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """What update and scale answer: the plan, and how far its rollout got."""
+    return {
+        **plan_result(rollout.plan),
+        "applied": True,
+        "settled": rollout.done.is_set(),
+        "progress": [step.as_json() for step in rollout.steps],
+        "failed": [{"unit": u, "reason": r} for u, r in rollout.failed.items()],
+        **extra,
     }
 
 
@@ -158,6 +170,14 @@ class Commands:
         }
 
     READ_ONLY = frozenset({"status", "pid", "tail", "reread", "avail", "version", "gpus", "events"})
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[None]:
+        """The write lock, once the last rollout (an update or scale that returned
+        early, `--no-wait`) is done: write verbs still apply one at a time."""
+        async with self._write():
+            await self._engine.rollout_settled()
+            yield
 
     # -- names ---------------------------------------------------------------
 
@@ -366,7 +386,7 @@ class Commands:
     async def _start(self, args: dict[str, Any], *, restart: bool) -> dict[str, Any] | Stream:
         names = self._select(args, empty_means_all=False)
         wait = arg(args, "wait", bool, True)
-        async with self._writing:
+        async with self._write():
             self._check_running()
             await self._remember(names, True)
             followers: list[str] = []
@@ -431,7 +451,7 @@ class Commands:
 
     async def stop(self, args: dict[str, Any]) -> dict[str, Any]:
         names = self._select(args, empty_means_all=False)
-        async with self._writing:
+        async with self._write():
             await self._remember(names, False)
             selected = set(names)
             if selected == set(self._engine.names()):
@@ -461,8 +481,12 @@ class Commands:
     async def reread(self, args: dict[str, Any]) -> dict[str, Any]:
         return plan_result(self._engine.plan(await self._read_specs()))
 
-    async def update(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def update(self, args: dict[str, Any]) -> dict[str, Any] | Stream:
+        """Apply the unit files. With ``wait`` (the default): a `Stream` of the
+        rollout's steps, then the result once it has settled; without, the
+        result once the plan is accepted and saved."""
         dry_run = arg(args, "dry_run", bool, False)
+        wait = arg(args, "wait", bool, True)
         wanted = names_arg(args)
         if dry_run:
             dropped, kept = await self._scale_overrides(drop_stale=not wanted)
@@ -471,7 +495,7 @@ class Commands:
                 "applied": False,
                 "overrides_dropped": dropped,
             }
-        async with self._writing:
+        async with self._write():
             self._check_running()
             # A whole update lets a changed `replicas` in a file win over `scale`.
             dropped, kept = await self._scale_overrides(drop_stale=not wanted)
@@ -482,16 +506,26 @@ class Commands:
                 await self._save(self._desired.drop_replicas, [d["pool"] for d in dropped])
                 for drop in dropped:
                     log.warning("scale.override_dropped", **drop)
-            plan = await self._engine.apply(new_specs)
+            rollout = self._engine.begin_apply(new_specs)
         in_force = await self._overrides_in_force()
         for override in in_force:
             log.warning("scale.override_in_force", **override)
-        return {
-            **plan_result(plan),
-            "applied": True,
-            "overrides_dropped": dropped,
-            "overrides": in_force,
-        }
+        extra = {"overrides_dropped": dropped, "overrides": in_force}
+        return self._rollout_reply(rollout, wait, extra)
+
+    def _rollout_reply(
+        self, rollout: Rollout, wait: bool, extra: dict[str, Any]
+    ) -> dict[str, Any] | Stream:
+        """An update's or scale's answer: at once (no wait), or its steps as events
+        (the stream `start` and `events` use), then the result once settled."""
+        if not wait:
+            return rollout_result(rollout, extra)
+
+        async def steps() -> AsyncIterator[dict[str, Any]]:
+            async for step in rollout.follow():
+                yield step.as_json()
+
+        return Stream(steps(), final=lambda: rollout_result(rollout, extra))
 
     async def _scale_overrides(self, *, drop_stale: bool) -> tuple[list[dict[str, Any]], Any]:
         """The `scale` overrides whose unit file changed since (to drop), and the
@@ -544,12 +578,12 @@ class Commands:
 
     async def heal(self, names: list[str], reason: str) -> None:
         """Not a verb: the daemon's model canary restarts units, a write like the others."""
-        async with self._writing:
+        async with self._write():
             if self._shutting_down:
                 return
             await self._engine.heal([n for n in names if n in self._engine.specs], reason)
 
-    async def scale(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def scale(self, args: dict[str, Any]) -> dict[str, Any] | Stream:
         """`scale MODEL[:ROLE] N`: add or remove replicas, touching no other unit.
         With ``reset``: back to the unit file's count (the override is dropped).
 
@@ -558,6 +592,7 @@ class Commands:
         target = args.get("name")
         count = args.get("replicas")
         reset = arg(args, "reset", bool, False)
+        wait = arg(args, "wait", bool, True)
         if not isinstance(target, str) or not target:
             raise CommandError(BAD_ARGUMENTS, "'name' must be MODEL or MODEL:ROLE")
         if reset and count is not None:
@@ -575,7 +610,7 @@ class Commands:
             )
         if not disaggregated and role:
             raise CommandError(BAD_ARGUMENTS, f"{model} is aggregated: scale {model} N")
-        async with self._writing:
+        async with self._write():
             self._check_running()
             in_file = _pool_size(await self._read_specs(replicas={}), target)
             if count == in_file:
@@ -594,19 +629,15 @@ class Commands:
             saved = (None, None) if reset else (count, in_file)
             await self._save(self._desired.set_replicas, target, *saved)
             try:
-                plan = await self._engine.apply(merged)
+                rollout = self._engine.begin_apply(merged)
             except BaseException:
                 # Refused: the saved count must not outlive the refusal. If even
                 # that write fails, the refusal is still what the client hears.
                 with anyio.CancelScope(shield=True), contextlib.suppress(CommandError):
                     await self._save(self._desired.set_replicas, target, *before)
                 raise
-        return {
-            **plan_result(plan),
-            "applied": True,
-            "replicas": in_file if reset else count,
-            "reset": reset,
-        }
+        extra = {"replicas": in_file if reset else count, "reset": reset}
+        return self._rollout_reply(rollout, wait, extra)
 
     async def gpus(self, args: dict[str, Any]) -> dict[str, Any]:
         if self._gpu_table is None:

@@ -241,12 +241,25 @@ def format_update(result: dict[str, Any]) -> Output:
     added = sorted(result.get("added", []))
     applied = result.get("applied", False)
     lines: list[str] = []
+    failed = result.get("failed") or []
     if not (removed or changed or added):
         lines.append("No config updates to processes")
     elif not applied:
         lines += [f"{clean(n)}: would remove process group" for n in removed]
         lines += [f"{clean(n)}: would update process group ({', '.join(f)})" for n, f in changed]
         lines += [f"{clean(n)}: would add process group" for n in added]
+    elif "progress" in result:
+        # A rollout: its steps were shown as they came (or are still to come).
+        lines += [f"{clean(name)}: removed process group" for name in removed]
+        lines += [f"{clean(name)}: updated process group" for name, _fields in changed]
+        lines += [f"{clean(name)}: added process group" for name in added]
+        lines += [f"{clean(f['unit'])}: ERROR ({clean(f['reason'])})" for f in failed]
+        if not result.get("settled"):
+            lines.append("requested; not waiting ('dynsupctl events' shows the rest)")
+        elif failed:
+            lines.append(f"not settled: {len(failed)} unit(s) failed to come up")
+        else:
+            lines.append("settled")
     else:
         for name in removed:
             lines += [f"{clean(name)}: stopped", f"{clean(name)}: removed process group"]
@@ -265,7 +278,27 @@ def format_update(result: dict[str, Any]) -> Output:
         f" ('dynsupctl scale {clean(o['pool'])} --reset' drops it)"
         for o in result.get("overrides", [])
     ]
-    return Output(_lines(lines), EXIT_OK, _lines(warnings))
+    return Output(_lines(lines), EXIT_FAILED if failed else EXIT_OK, _lines(warnings))
+
+
+def format_step(step: dict[str, Any]) -> str:
+    """One step of an update's or scale's rollout, as a progress line."""
+    unit, what = clean(step.get("unit", "?")), str(step.get("step", "?"))
+    detail = clean(step.get("detail") or "")
+    pid = step.get("pid")
+    if what == "started":
+        text = f"started (pid {pid})"
+    elif what == "running":
+        text = "RUNNING"
+    elif what == "admitted":
+        text = "admitted (the frontends route to it)"
+    elif what == "failed":
+        text = f"ERROR ({detail})"
+    elif what == "rolling":
+        text = f"rolling update: {detail}"
+    else:
+        text = what.replace("_", " ") + (f" ({detail})" if detail else "")
+    return f"{unit}: {text}"
 
 
 def format_avail(result: dict[str, Any]) -> Output:
@@ -383,6 +416,16 @@ def run_start(client: Client, cmd: str, args: dict[str, Any], ns: argparse.Names
     finally:
         if progress is not None:
             progress.clear()
+    return replies.result
+
+
+def run_rollout(client: Client, cmd: str, args: dict[str, Any], ns: argparse.Namespace) -> Any:
+    """update/scale: the daemon streams the rollout's steps; each is a line as it comes."""
+    replies = client.stream(cmd, args, timeout=None)
+    for step in replies:
+        if not ns.json:
+            sys.stdout.write(format_step(step) + "\n")
+            sys.stdout.flush()
     return replies.result
 
 
@@ -614,8 +657,18 @@ def _events_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help="only these units")
 
 
+def _no_wait_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="return once the change is accepted, not when it has settled",
+    )
+
+
 def _update_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    _no_wait_argument(parser)
     parser.add_argument("names", nargs="*", metavar="NAME", help="only these units")
 
 
@@ -633,14 +686,15 @@ def _scale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reset", action="store_true", help="drop the override: the unit file's count again"
     )
+    _no_wait_argument(parser)
 
 
 def scale_request(ns: argparse.Namespace) -> dict[str, Any]:
     if ns.reset == (ns.replicas is not None):
         raise UsageError("give N or --reset")
     if ns.reset:
-        return {"name": ns.name, "reset": True}
-    return {"name": ns.name, "replicas": ns.replicas}
+        return {"name": ns.name, "reset": True, "wait": ns.wait}
+    return {"name": ns.name, "replicas": ns.replicas, "wait": ns.wait}
 
 
 def format_gpus(result: dict[str, Any]) -> Output:
@@ -734,11 +788,11 @@ VERBS: dict[str, Verb] = {
         lambda result, ns: format_reread(result),
     ),
     "update": Verb(
-        "apply changed unit files",
-        lambda ns: {"dry_run": ns.dry_run, "names": ns.names},
+        "apply changed unit files, and wait until the change has settled",
+        lambda ns: {"dry_run": ns.dry_run, "names": ns.names, "wait": ns.wait},
         lambda result, ns: format_update(result),
         _update_arguments,
-        run_waiting,
+        run_rollout,
     ),
     "avail": Verb(
         "list the units the daemon knows",
@@ -757,7 +811,7 @@ VERBS: dict[str, Verb] = {
         scale_request,
         lambda result, ns: format_update(result),
         _scale_arguments,
-        run_waiting,
+        run_rollout,
     ),
     "gpus": Verb(
         "show which unit holds each GPU",

@@ -477,10 +477,12 @@ class Daemon:
 
     @staticmethod
     async def _update_on_sighup(commands: Commands) -> None:
-        """SIGHUP is `dynsupctl update` (reread and apply), as for most daemons."""
+        """SIGHUP is `dynsupctl update --no-wait` (reread and apply), as for most
+        daemons: logged once the plan is accepted; its rollout logs each step."""
         log.info("daemon.reload", signal="SIGHUP")
         try:
-            result = await commands.update({})
+            result = await commands.update({"wait": False})
+            assert isinstance(result, dict)  # without wait: the answer, no stream
         except CommandError as exc:
             log.error("daemon.reload_refused", code=exc.code, error=exc.message, errors=exc.details)
         except Exception as exc:

@@ -42,6 +42,7 @@ from .output import LineSubscription, OutputHub
 from .placement import Placement, PlacementFailed, Placer, SingleAgent
 from .policy import Done, GiveUp, History, decide
 from .reload import ReloadPlan, diff_specs, fingerprint
+from .rollout import Rollout
 from .states import UP_OR_GAVE_UP, State, check_transition
 
 log = structlog.get_logger("dynsup.engine")
@@ -167,6 +168,7 @@ class Engine:
         self._units: dict[str, _Unit] = {}
         self._tg: TaskGroup | None = None
         self._feeds: list[Feed[UnitStatus]] = []
+        self._rollout: Rollout | None = None  # the last `begin_apply`'s
         self.changed = Pulse()  # fires on every state change of any unit
 
     async def __aenter__(self) -> Engine:
@@ -181,6 +183,7 @@ class Engine:
         tb: TracebackType | None,
     ) -> bool | None:
         with anyio.CancelScope(shield=True):
+            self._abandon_rollout()
             await self.stop_all()
         assert self._tg is not None
         return await self._tg.__aexit__(exc_type, exc, tb)
@@ -267,6 +270,7 @@ class Engine:
         For a daemon upgrade with Ray agents: the next daemon adopts the
         processes (same spec, same pids, GPUs still held).
         """
+        self._abandon_rollout()
         for unit in self._units.values():
             if unit.active and unit.scope is not None:
                 unit.detaching = True
@@ -274,6 +278,11 @@ class Engine:
         for unit in self._units.values():
             if unit.finished is not None:
                 await unit.finished.wait()
+
+    def _abandon_rollout(self) -> None:
+        """The daemon stops: a rollout in progress starts nothing more."""
+        if self._rollout is not None:
+            self._rollout.scope.cancel()
 
     async def send_signal(self, name: str, sig: str) -> None:
         unit = self._get(name)
@@ -287,24 +296,66 @@ class Engine:
         return diff_specs(self.specs, new_specs)
 
     async def apply(self, new_specs: Mapping[str, ServiceSpec]) -> ReloadPlan:
-        """Stop removed and changed units, then start added and changed ones.
+        """`begin_apply`, then wait until the change has settled."""
+        rollout = self.begin_apply(new_specs)
+        await rollout.done.wait()
+        return rollout.plan
 
-        Unchanged units are not touched, not even their dependents' pids.
-        Changed units of a group (a model's replicas) that are RUNNING are
-        replaced one at a time (`_roll`), so the group keeps serving; apply
-        returns once they are RUNNING again. The caller applies one change at
-        a time (the control's write lock).
+    def begin_apply(self, new_specs: Mapping[str, ServiceSpec]) -> Rollout:
+        """Start applying new_specs in the engine's task group; return its `Rollout`.
+
+        Removed and changed units are stopped, then added and changed ones
+        started. Unchanged units are not touched, not even their dependents'
+        pids. Changed units of a group (a model's replicas) that are RUNNING
+        are replaced one at a time (`_roll`), so the group keeps serving. The
+        rollout is done once every unit it started is RUNNING (and admitted,
+        for a group's) or has failed. The caller applies one change at a time
+        and waits for the last to be done first (`rollout_settled`).
         """
-        plan = self.plan(new_specs)
+        if self._rollout is not None and not self._rollout.done.is_set():
+            raise RuntimeError("a rollout is in progress: wait for rollout_settled() first")
+        assert self._tg is not None, "engine used outside its context"
+        rollout = Rollout(self.plan(new_specs))
+        self._rollout = rollout
+        self._tg.start_soon(self._apply, rollout, dict(new_specs))
+        return rollout
+
+    async def rollout_settled(self) -> None:
+        """Return once the last rollout (if any) is done."""
+        if self._rollout is not None:
+            await self._rollout.done.wait()
+
+    async def _apply(self, rollout: Rollout, new_specs: Mapping[str, ServiceSpec]) -> None:
+        """The rollout's own task: a failure in here fails the rollout, never the engine."""
+        try:
+            with rollout.scope:
+                await self._carry_out(rollout, new_specs)
+            if rollout.scope.cancel_called:
+                rollout.fail("*", "the daemon is stopping: rollout abandoned")
+        except Exception as exc:
+            log.exception("rollout.crashed", error=_describe(exc))
+            rollout.fail("*", f"internal error: {_describe(exc)}")
+        finally:
+            rollout.finish()
+
+    async def _carry_out(self, rollout: Rollout, new_specs: Mapping[str, ServiceSpec]) -> None:
+        plan = rollout.plan
         was_wanted = {name for name, unit in self._units.items() if unit.wanted}
         rolling = {
             name
             for name in plan.changed
             if new_specs[name].group and self._units[name].state is State.RUNNING
         }
-        await self._stop_many(set(plan.removed) | (set(plan.changed) - rolling))
+        stopping = sorted(set(plan.removed) | (set(plan.changed) - rolling))
+        live = [name for name in stopping if self._units[name].active]
+        for name in live:
+            rollout.report(name, self._stop_word(self._units[name]))
+        await self._stop_many(set(stopping))
+        for name in live:
+            rollout.report(name, "stopped")
         for name in plan.removed:
             del self._units[name]
+            rollout.report(name, "removed")
         for name in plan.added:
             self._units[name] = _Unit(new_specs[name])
         for name, unit in self._units.items():
@@ -312,16 +363,18 @@ class Engine:
             # watch from the next start). A rolling unit's spec changes at its turn.
             if name not in rolling:
                 unit.spec = new_specs[name]
-        for name in sorted(set(plan.changed) - rolling):
-            if name in was_wanted:
-                self.start_nowait(name)
-        for name in sorted(plan.added):
-            if new_specs[name].autostart:
-                self.start_nowait(name)
-        await self._roll(rolling, new_specs)
-        return plan
+        started = [n for n in sorted(set(plan.changed) - rolling) if n in was_wanted]
+        started += [n for n in sorted(plan.added) if new_specs[n].autostart]
+        for name in started:
+            self.start_nowait(name)
+        async with anyio.create_task_group() as tg:
+            for name in started:
+                tg.start_soon(self._come_up, name, rollout)
+            tg.start_soon(self._roll, rolling, new_specs, rollout)
 
-    async def _roll(self, names: set[str], new_specs: Mapping[str, ServiceSpec]) -> None:
+    async def _roll(
+        self, names: set[str], new_specs: Mapping[str, ServiceSpec], rollout: Rollout
+    ) -> None:
         """Replace each group's units one after another (groups side by side): drain
         one, start its new spec, wait until it is RUNNING and admitted (taking
         traffic), then the next. A replacement that fails to come up halts its
@@ -331,17 +384,19 @@ class Engine:
         for name in sorted(names):
             groups.setdefault(new_specs[name].group, []).append(name)
 
-        async def roll_group(members: list[str]) -> None:
+        async def roll_group(group: str, members: list[str]) -> None:
+            rollout.report(group, "rolling", "drain first, one replica at a time")
             for name in members:
-                if not await self._replace(name, new_specs[name]):
-                    log.error(
-                        "unit.rolling_halted", unit=name, left=members[members.index(name) + 1 :]
-                    )
+                if not await self._replace(name, new_specs[name], rollout):
+                    left = members[members.index(name) + 1 :]
+                    log.error("unit.rolling_halted", unit=name, left=left)
+                    for kept in left:
+                        rollout.report(kept, "kept", f"old spec: the rollout halted at {name}")
                     return
 
         async with anyio.create_task_group() as tg:
-            for members in groups.values():
-                tg.start_soon(roll_group, members)
+            for group, members in groups.items():
+                tg.start_soon(roll_group, group, members)
 
     async def heal(self, names: list[str], reason: str) -> None:
         """Restart names (drained, as any stop) with reason, and wait until each is
@@ -355,20 +410,42 @@ class Engine:
                 name, lambda s: s.state in UP_OR_GAVE_UP or s.state is State.BACKOFF
             )
 
-    async def _replace(self, name: str, spec: ServiceSpec) -> bool:
+    async def _replace(self, name: str, spec: ServiceSpec, rollout: Rollout) -> bool:
+        rollout.report(name, self._stop_word(self._units[name]))
         await self._stop_many({name})
-        unit = self._units[name]
-        unit.spec = spec
+        rollout.report(name, "stopped")
+        self._units[name].spec = spec
         self.start_nowait(name)
-        # BACKOFF: the new spec failed once; the policy goes on, the rollout does not.
-        settled = await self.wait_state(
-            name, lambda s: s.state in UP_OR_GAVE_UP or s.state is State.BACKOFF
-        )
-        if settled.state is not State.RUNNING:
+        if not await self._come_up(name, rollout):
             return False
-        await self._hook(self._admitted_hook, spec, ADMIT_TIMEOUT)
         log.info("unit.replaced", unit=name)
         return True
+
+    async def _come_up(self, name: str, rollout: Rollout) -> bool:
+        """Report a unit the rollout started until it is RUNNING (and, in a group,
+        admitted: taking traffic) or has failed. BACKOFF counts as failed: the new
+        spec failed once; the restart policy goes on, the rollout does not."""
+        snap = await self.wait_state(name, lambda s: s.state is not State.PENDING)
+        if snap.pid is not None:
+            rollout.report(name, "started", pid=snap.pid)
+        snap = await self.wait_state(
+            name, lambda s: s.state in UP_OR_GAVE_UP or s.state is State.BACKOFF
+        )
+        if snap.state is not State.RUNNING:
+            rollout.fail(name, f"{snap.state.value}: {snap.reason}")
+            return False
+        rollout.report(name, "running", pid=snap.pid)
+        spec = self._units[name].spec
+        if spec.group and self._admitted_hook is not None:
+            if await self._hook(self._admitted_hook, spec, ADMIT_TIMEOUT):
+                rollout.report(name, "admitted")
+            else:
+                rollout.report(name, "not_admitted", f"not routed to within {ADMIT_TIMEOUT:g}s")
+        return True
+
+    def _stop_word(self, unit: _Unit) -> str:
+        """What stopping a unit means: a live one with a drain hook drains first."""
+        return "draining" if self._drain_hook is not None and unit.process_alive else "stopping"
 
     # -- the lifecycle ---------------------------------------------------------
 
@@ -678,16 +755,19 @@ class Engine:
         await self._hook(self._after_exit_hook, spec, AFTER_EXIT_TIMEOUT)
 
     @staticmethod
-    async def _hook(hook: Hook | None, spec: ServiceSpec, timeout: float) -> None:
-        """Run a clean-up hook, bounded; a failed or late clean-up never fails the unit."""
+    async def _hook(hook: Hook | None, spec: ServiceSpec, timeout: float) -> bool:
+        """Run a clean-up hook, bounded; a failed or late clean-up never fails the unit.
+        False when it failed or ran out of time."""
         if hook is None:
-            return
+            return True
         try:
             with anyio.fail_after(timeout):
                 await hook(spec)
         except Exception as exc:
             name = getattr(hook, "__name__", "?")
             log.warning("unit.hook_failed", hook=name, error=_describe(exc))
+            return False
+        return True
 
     async def _gpus_freed(self, unit: _Unit) -> None:
         if self._gpus_freed_hook is None or unit.placement is None or not unit.placement.gpus:
