@@ -197,6 +197,42 @@ def test_update_applied_and_dry_run() -> None:
     assert ctl.format_update(nothing).text == "No config updates to processes\n"
 
 
+def test_a_rollouts_steps_as_progress_lines() -> None:
+    steps = [
+        {"unit": "tiny", "step": "rolling", "detail": "drain first, one replica at a time"},
+        {"unit": "tiny-0", "step": "draining"},
+        {"unit": "tiny-0", "step": "started", "pid": 41},
+        {"unit": "tiny-0", "step": "running", "pid": 41},
+        {"unit": "tiny-0", "step": "admitted"},
+        {"unit": "tiny-1", "step": "failed", "detail": "BACKOFF: exit status 2"},
+        {"unit": "tiny-2", "step": "kept", "detail": "old spec: the rollout halted at tiny-1"},
+    ]
+    assert [ctl.format_step(step) for step in steps] == [
+        "tiny: rolling update: drain first, one replica at a time",
+        "tiny-0: draining",
+        "tiny-0: started (pid 41)",
+        "tiny-0: RUNNING",
+        "tiny-0: admitted (the frontends route to it)",
+        "tiny-1: ERROR (BACKOFF: exit status 2)",
+        "tiny-2: kept (old spec: the rollout halted at tiny-1)",
+    ]
+
+
+def test_a_settled_a_failed_and_an_unwaited_rollout() -> None:
+    plan = {"added": [], "changed": {"tiny-0": ["command"]}, "removed": []}
+    done = plan | {"applied": True, "settled": True, "progress": [], "failed": []}
+    assert ctl.format_update(done) == ctl.Output("tiny-0: updated process group\nsettled\n")
+    failed = done | {"failed": [{"unit": "tiny-0", "reason": "FATAL: exit status 2"}]}
+    out = ctl.format_update(failed)
+    assert out.code == ctl.EXIT_FAILED
+    assert out.text.splitlines()[1:] == [
+        "tiny-0: ERROR (FATAL: exit status 2)",
+        "not settled: 1 unit(s) failed to come up",
+    ]
+    early = ctl.format_update(done | {"settled": False})
+    assert early.code == ctl.EXIT_OK and "not waiting" in early.text
+
+
 def test_avail() -> None:
     units = [
         {"name": "etcd", "in_use": True, "autostart": True, "kind": "service"},
@@ -265,7 +301,18 @@ def test_requests_built_from_arguments() -> None:
         "tail",
         {"name": "w", "stream": "stderr", "lines": 5, "follow": True, "raw": True},
     )
-    assert request("update", "--dry-run") == ("update", {"dry_run": True, "names": []})
+    assert request("update", "--dry-run") == (
+        "update",
+        {"dry_run": True, "names": [], "wait": True},
+    )
+    assert request("update", "--no-wait") == (
+        "update",
+        {"dry_run": False, "names": [], "wait": False},
+    )
+    assert request("scale", "tiny", "3", "--no-wait") == (
+        "scale",
+        {"name": "tiny", "replicas": 3, "wait": False},
+    )
     assert request("version") == ("version", {})
 
 
