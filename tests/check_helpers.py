@@ -24,6 +24,7 @@ from dynsup.daemon import parse_args, resolve_settings
 from dynsup.dynamo.binaries import python_module
 from dynsup.plan import check_units
 from dynsup.units import ProbeKind, ReadySpec, RestartPolicy
+from dynsup.units.spec import LiveSpec
 
 UNITS = Path(__file__).resolve().parents[1] / "units"
 # Holds a state file only while a load with `scale` overrides reads it.
@@ -61,6 +62,7 @@ class Process:
     gpus: int
     requires: tuple[str, ...]
     ready: ReadySpec | None
+    live: LiveSpec | None
     restart: RestartPolicy
     stop_timeout: float
     source: str = field(compare=False)  # as for a ServiceSpec: not the unit's identity
@@ -78,6 +80,18 @@ class Process:
                 timeout=ready["timeout"],
                 interval=ready["interval"],
             )
+        live = entry["live"]
+        if live is not None:
+            live = LiveSpec(
+                kind=ProbeKind(live["kind"]),
+                target=live["target"],
+                argv=tuple(live.get("argv", ())),
+                models=tuple(live.get("models", ())),
+                timeout=live["timeout"],
+                interval=live["interval"],
+                failures=live["failures"],
+                grace=live["grace"],
+            )
         return cls(
             name=entry["name"],
             command=tuple(entry["argv"]),
@@ -87,6 +101,7 @@ class Process:
             gpus=entry["gpus"] * entry["ranks"],  # the unit's, over all its ranks
             requires=tuple(entry["requires"]),
             ready=ready,
+            live=live,
             restart=RestartPolicy(entry["restart"]),
             stop_timeout=entry["stop_timeout"],
             source=entry["source"],

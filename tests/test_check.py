@@ -90,6 +90,50 @@ def test_check_as_text_names_every_process(tmp_path: Path) -> None:
     assert not (tmp_path / "state").exists()
 
 
+def test_check_shows_each_units_live_probe_as_it_shows_ready(tmp_path: Path) -> None:
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "web.toml").write_text(
+        "[service]\n"
+        'command = ["sleep", "600"]\n'
+        "[ready]\n"
+        'tcp = "127.0.0.1:8080"\n'
+        "[live]\n"
+        'http = "http://127.0.0.1:8080/live"\n'
+        "interval = 3\n"
+        'timeout = "500ms"\n'
+        "failures = 4\n"
+        "grace = 10\n"
+    )
+    (units / "plain.toml").write_text('[service]\ncommand = ["sleep", "600"]\n')
+    state = ["--state-dir", str(tmp_path / "state")]
+    text = dynsupd("--check", *state, str(units), tmp_path=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.count("  live: ") == 1
+    assert (
+        "  live: http http://127.0.0.1:8080/live every 3 s, timeout 0.5 s,"
+        " 4 failures in a row, grace 10 s\n" in text.stdout
+    )
+    done = dynsupd("--check", "--json", *state, str(units), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    processes = {p["name"]: p for p in json.loads(done.stdout)["processes"]}
+    assert processes["web"]["live"] == {
+        "kind": "http",
+        "target": "http://127.0.0.1:8080/live",
+        "timeout": 0.5,
+        "interval": 3.0,
+        "failures": 4,
+        "grace": 10.0,
+    }
+    assert processes["plain"]["live"] is None
+    # The demo's worker: its system port's /live, the mocker's defaults.
+    demo = dynsupd("--check", "--json", *state, str(ROOT / "units" / "demo"), tmp_path=tmp_path)
+    worker = {p["name"]: p for p in json.loads(demo.stdout)["processes"]}["tiny-0"]
+    port = worker["env"]["DYN_SYSTEM_PORT"]
+    assert worker["live"]["target"] == f"http://127.0.0.1:{port}/live"
+    assert (worker["live"]["interval"], worker["live"]["failures"]) == (1.0, 3)
+
+
 def test_check_of_invalid_units_exits_2_naming_file_and_key(tmp_path: Path) -> None:
     bad = FIXTURES / "bad" / "unknown_key"
     done = dynsupd("--check", "--state-dir", str(tmp_path / "state"), str(bad), tmp_path=tmp_path)

@@ -30,6 +30,7 @@ import dynsup.dynamo.expand as expand_module
 from dynsup.dynamo.binaries import etcd_binary, python_module
 from dynsup.dynamo.releases import installed_release
 from dynsup.units import ProbeKind, ReadySpec, RestartPolicy
+from dynsup.units.spec import LiveSpec
 
 from .check_helpers import PY, STATE, UNITS, Process, fake_vllm, load, load_errors
 
@@ -216,6 +217,7 @@ def etcd_golden() -> Process:
         gpus=0,
         requires=(),
         ready=ReadySpec(kind=ProbeKind.HTTP, target="http://127.0.0.1:2379/health", timeout=30),
+        live=None,
         restart=RestartPolicy.ALWAYS,
         stop_timeout=10.0,
         source="{units}/stack.toml (implicit etcd)",
@@ -271,6 +273,14 @@ def test_golden_units_and_infrastructure(pattern: str, stack: Any) -> None:
         models=(served,),
         timeout=600,  # as long as a vLLM worker may take to load
         interval=0.05,
+    )
+    # Dynamo's frontend answers /live on its own; checked once RUNNING.
+    assert frontend.live == LiveSpec(
+        kind=ProbeKind.HTTP,
+        target="http://127.0.0.1:8000/live",
+        timeout=2.0,
+        interval=1.0,
+        failures=3,
     )
 
 
@@ -452,6 +462,14 @@ def test_golden_worker(worker: tuple[Worker, Process]) -> None:
         **env,
     }
     assert spec.ports == ports
+    # The worker's system port answers /live from the runtime's own threads.
+    assert spec.live == LiveSpec(
+        kind=ProbeKind.HTTP,
+        target=f"http://127.0.0.1:{env['DYN_SYSTEM_PORT']}/live",
+        timeout=5.0,
+        interval=2.0,
+        failures=3,
+    )
     assert spec.unset_env == UNSET
     assert spec.restart is RestartPolicy.ALWAYS
     # Dynamo's graceful shutdown (grace, shutdown steps) plus vLLM's teardown.

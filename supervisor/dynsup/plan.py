@@ -29,7 +29,7 @@ from .placement.layout import LayoutError, plan_layout
 from .placement.placer import bundle_env
 from .statefile import DesiredState
 from .units import UnitErrors
-from .units.spec import ServiceSpec
+from .units.spec import ReadySpec, ServiceSpec
 
 if TYPE_CHECKING:
     from .daemon import Settings
@@ -56,6 +56,7 @@ class PlannedProcess:
     gpus: int  # asked for this process (its bundle's share)
     requires: tuple[str, ...]
     ready: dict[str, Any] | None
+    live: dict[str, Any] | None  # the liveness probe: kind, target, interval, timeout, ...
     autostart: bool
     restart: str
     stop_signal: str
@@ -91,12 +92,13 @@ def _requests(spec: ServiceSpec, ranks: int) -> list[tuple[int, SpawnRequest]]:
     return [(k, gang.rank_request(request, k)) for k in range(ranks)]
 
 
-def _ready(spec: ServiceSpec) -> dict[str, Any] | None:
-    if spec.ready is None:
+def _probe(probe: ReadySpec | None) -> dict[str, Any] | None:
+    """A readiness or liveness probe as plain fields (empty ones left out)."""
+    if probe is None:
         return None
-    ready = asdict(spec.ready)
-    ready["kind"] = spec.ready.kind.value
-    return {key: value for key, value in ready.items() if value not in ((), None)}
+    fields = asdict(probe)
+    fields["kind"] = probe.kind.value
+    return {key: value for key, value in fields.items() if value not in ((), None)}
 
 
 def build_plan(specs: Mapping[str, ServiceSpec], gpus_per_node: int | None) -> list[PlannedProcess]:
@@ -119,7 +121,8 @@ def build_plan(specs: Mapping[str, ServiceSpec], gpus_per_node: int | None) -> l
                     ports=request.ports,
                     gpus=spec.gpus // ranks,
                     requires=spec.requires,
-                    ready=_ready(spec),
+                    ready=_probe(spec.ready),
+                    live=_probe(spec.live),
                     autostart=spec.autostart,
                     restart=spec.restart.value,
                     stop_signal=request.stop_signal,
@@ -154,6 +157,13 @@ def render_text(plan: list[PlannedProcess]) -> str:
             lines.append(f"  requires: {' '.join(p.requires)}")
         if p.ready:
             lines.append(f"  ready: {p.ready['kind']} {p.ready['target']}")
+        if p.live:
+            live = p.live
+            lines.append(
+                f"  live: {live['kind']} {live['target']} every {live['interval']:g} s,"
+                f" timeout {live['timeout']:g} s, {live['failures']} failures in a row,"
+                f" grace {live['grace']:g} s"
+            )
         lines.append(
             f"  restart: {p.restart}; stop: {p.stop_signal}, then SIGKILL after "
             f"{p.stop_timeout:g} s" + ("" if p.autostart else "; not autostarted")
