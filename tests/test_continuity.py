@@ -10,6 +10,7 @@ generous deadlines; nothing asserts how fast, only the order and the outcome.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -195,6 +196,23 @@ def test_update_replaces_a_models_replicas_one_at_a_time(tmp_path: Path) -> None
         assert update.returncode == 0, update.stdout + update.stderr
         # update returned once every new replica is RUNNING, under a new pid.
         after = status(daemon)
+        # It said so as it went: each replica drained, started, RUNNING and
+        # admitted before the next one was touched; then "settled".
+        lines = update.stdout.splitlines()
+        assert lines[0].startswith("tiny: rolling update: drain first"), lines
+        expected = [
+            line
+            for name in stack.workers
+            for line in (
+                f"{name}: draining",
+                f"{name}: stopped",
+                f"{name}: started (pid {after[name]['pid']})",
+                f"{name}: RUNNING",
+                f"{name}: admitted (the frontends route to it)",
+            )
+        ]
+        assert [line for line in lines if line in expected] == expected, lines
+        assert lines[-1] == "settled", lines
         for name in stack.workers:
             assert after[name]["state"] == "RUNNING", after[name]
             assert after[name]["pid"] != units[name]["pid"]
@@ -207,6 +225,59 @@ def test_update_replaces_a_models_replicas_one_at_a_time(tmp_path: Path) -> None
         assert all("RUNNING" in m.values() for m in moments), moments
         # ...and no request failed.
         assert outcomes and all(outcomes), outcomes
+
+
+def change_engine_args(stack: Stack, extra: str) -> None:
+    path = stack.units / "tiny.toml"
+    path.write_text(path.read_text().replace("speedup_ratio = 0", f"speedup_ratio = 0, {extra}"))
+
+
+def test_update_names_the_replica_that_cannot_start_and_exits_1(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    with running_stack(tmp_path, stack) as (daemon, units):
+        first, second = stack.workers
+        change_engine_args(stack, "no_such_flag = 1")  # the mocker's parser exits 2
+        update = daemon.ctl("update", timeout=HEAL_TIMEOUT)
+        assert update.returncode == 1, update.stdout + update.stderr
+        lines = update.stdout.splitlines()
+        failed = [line for line in lines if line.startswith(f"{first}: ERROR (")]
+        assert failed and "exit status 2" in failed[0], lines
+        assert f"{second}: kept (old spec: the rollout halted at {first})" in lines
+        assert lines[-1] == "not settled: 1 unit(s) failed to come up", lines
+        # The replica not replaced still serves, under its old pid.
+        after = status(daemon)
+        assert after[second]["state"] == "RUNNING"
+        assert after[second]["pid"] == units[second]["pid"]
+        assert chat_ok(client(stack, timeout=20))
+
+
+def test_update_no_wait_returns_before_the_replicas_are_running(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    with running_stack(tmp_path, stack) as (daemon, units):
+        change_engine_args(stack, "block_size = 32")
+        done = daemon.ctl("--json", "update", "--no-wait")
+        assert done.returncode == 0, done.stdout + done.stderr
+        result = json.loads(done.stdout)
+        # Accepted and saved, not carried out: no new replica came up yet.
+        assert result["applied"] is True and result["settled"] is False, result
+        assert sorted(result["changed"]) == sorted(stack.workers)
+        assert not [s for s in result["progress"] if s["step"] in ("started", "running")], result
+        # The rollout goes on without the client; the next write waits for it.
+        last = stack.workers[-1]
+        daemon.wait_event(
+            lambda e: (
+                e.get("event") == "rollout.step"
+                and e.get("unit") == last
+                and e.get("step") == "admitted"
+            ),
+            timeout=HEAL_TIMEOUT,
+        )
+        after = status(daemon)
+        for name in stack.workers:
+            assert after[name]["state"] == "RUNNING"
+            assert after[name]["pid"] != units[name]["pid"]
+        again = daemon.ctl("update", timeout=HEAL_TIMEOUT)
+        assert again.stdout == "No config updates to processes\n", again.stdout + again.stderr
 
 
 def test_adding_and_removing_a_model_leaves_the_frontend_and_other_models_alone(

@@ -175,7 +175,7 @@ class Commands:
     async def _write(self) -> AsyncIterator[None]:
         """The write lock, once the last rollout (an update or scale that returned
         early, `--no-wait`) is done: write verbs still apply one at a time."""
-        async with self._write():
+        async with self._writing:
             await self._engine.rollout_settled()
             yield
 
