@@ -328,12 +328,20 @@ def test_scale_adds_and_removes_replicas_without_touching_the_others(tmp_path: P
         done = daemon.ctl("scale", "tiny", "3")
         assert done.returncode == 0, done.stdout + done.stderr
         assert "tiny-2: added process group" in done.stdout
-        daemon.wait_state("tiny-2", "RUNNING", timeout=START_TIMEOUT)
+        # scale waits until the new replica is RUNNING and routed to, saying so.
         after = status(daemon)
+        assert after["tiny-2"]["state"] == "RUNNING"
+        assert done.stdout.splitlines()[:3] == [
+            f"tiny-2: started (pid {after['tiny-2']['pid']})",
+            "tiny-2: RUNNING",
+            "tiny-2: admitted (the frontends route to it)",
+        ], done.stdout
         for name in ("frontend", "tiny-0", "tiny-1"):
             assert after[name]["pid"] == units[name]["pid"], name  # not touched
         done = daemon.ctl("scale", "tiny", "1")
         assert done.returncode == 0, done.stdout + done.stderr
+        for name in ("tiny-1", "tiny-2"):  # drained, then gone
+            assert f"{name}: draining" in done.stdout and f"{name}: removed" in done.stdout
         after = status(daemon)
         assert set(after) == {"frontend", "tiny-0"}
         assert after["tiny-0"]["pid"] == units["tiny-0"]["pid"]
