@@ -33,8 +33,9 @@ Peers are installed on first use into their own venvs (bench/.venv-supervisord,
 bench/.venv-circus), never into the project's. Printed: per child mode, a
 table of the child's median rate, its share of /dev/null, the min-max over
 the runs, and the supervising daemon's CPU (share of one core during the
-flood) and RSS (highest sampled). Exit status 0; 2 when a run could not be
-measured.
+flood) and RSS (highest sampled); for dynsup with its agent process (the
+default without Ray), that process's CPU too: it reads the child's pipes.
+Exit status 0; 2 when a run could not be measured.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class Sample:
     cpu: float = 0.0  # the supervising daemon's CPU, share of one core
     rss_max: int = 0
     note: str = ""
+    agent_cpu: float | None = None  # dynsup's agent process (it reads the pipes), same unit
 
 
 class Bench:
@@ -125,9 +127,13 @@ class Bench:
     def rate(self, result: Path) -> float:
         return int(result.read_text()) * LINE_BYTES / self.seconds / 1e6
 
-    def wait_result(self, result: Path, daemon: psutil.Process) -> tuple[int, float]:
-        """Wait for the child's count; the daemon's highest RSS and its CPU share meanwhile."""
+    def wait_result(
+        self, result: Path, daemon: psutil.Process, agent: psutil.Process | None = None
+    ) -> tuple[int, float, float | None]:
+        """Wait for the child's count; the daemon's highest RSS and its CPU share
+        meanwhile, and the agent process's CPU share when there is one."""
         cpu_before = cpu_seconds(daemon)
+        agent_before = cpu_seconds(agent) if agent is not None else 0.0
         started = time.monotonic()
         rss_max = daemon.memory_info().rss
         deadline = started + self.seconds + 60
@@ -136,8 +142,20 @@ class Bench:
             if time.monotonic() > deadline:
                 raise SystemExit("the flood did not finish")
             time.sleep(0.1)  # sampling RSS; bounded by the deadline
-        cpu = (cpu_seconds(daemon) - cpu_before) / (time.monotonic() - started)
-        return rss_max, cpu
+        elapsed = time.monotonic() - started
+        cpu = (cpu_seconds(daemon) - cpu_before) / elapsed
+        agent_cpu = (cpu_seconds(agent) - agent_before) / elapsed if agent is not None else None
+        return rss_max, cpu, agent_cpu
+
+
+def agent_process(daemon: psutil.Process) -> psutil.Process | None:
+    """dynsup's agent process (``python -m dynsup.agent_host``), started by the daemon
+    in a session of its own; None when the agent runs inside the daemon."""
+    for child in daemon.children():
+        with contextlib.suppress(psutil.Error):
+            if "dynsup.agent_host" in child.cmdline():
+                return child
+    return None
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -222,7 +240,7 @@ def supervisord(b: Bench) -> Sample:
     )
     proc = subprocess.Popen([str(exe), "-c", str(conf)], stdout=subprocess.DEVNULL)
     try:
-        rss, cpu = b.wait_result(result, psutil.Process(proc.pid))
+        rss, cpu, _ = b.wait_result(result, psutil.Process(proc.pid))
     finally:
         stop(proc)
     for log in work.glob("flood.log*"):
@@ -254,7 +272,7 @@ def circus(b: Bench) -> Sample:
         [str(exe), str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        rss, cpu = b.wait_result(result, psutil.Process(proc.pid))
+        rss, cpu, _ = b.wait_result(result, psutil.Process(proc.pid))
     finally:
         stop(proc)
     (work / "flood.log").unlink(missing_ok=True)
@@ -329,7 +347,10 @@ def dynsup(*, follow: bool, journal: bool, probe: bool = False) -> Callable[[Ben
             follower = Follower(sock) if follow else None
             ctl = [str(BIN / "dynsupctl"), "--socket", str(sock)]
             subprocess.run([*ctl, "start", "--no-wait", "flood"], check=True, capture_output=True)
-            rss, cpu = b.wait_result(result, psutil.Process(daemon.pid))
+            # The agent process exists once `start` was answered: the daemon
+            # serves its verbs only after its backend is open.
+            supervisor = psutil.Process(daemon.pid)
+            rss, cpu, agent_cpu = b.wait_result(result, supervisor, agent_process(supervisor))
             note = ""
             if follower is not None:
                 written = int(result.read_text()) * LINE_BYTES
@@ -348,7 +369,7 @@ def dynsup(*, follow: bool, journal: bool, probe: bool = False) -> Callable[[Ben
         finally:
             stop(daemon)
             sock.unlink(missing_ok=True)
-        return Sample(b.rate(result), cpu, rss, note)
+        return Sample(b.rate(result), cpu, rss, note, agent_cpu)
 
     return run
 
@@ -395,22 +416,28 @@ def print_table(mode: str, rows: dict[str, Row]) -> None:
         f"\nchild: {mode}-buffered writer; medians of {len(next(iter(rows.values())).samples)} runs"
     )
     print(
-        "| sink | MB/s | share of /dev/null | min-max MB/s | daemon CPU | daemon RSS max | notes |"
+        "| sink | MB/s | share of /dev/null | min-max MB/s | daemon CPU | agent CPU"
+        " | daemon RSS max | notes |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():
         rate = row.median(lambda s: s.mb_per_s)
         lo = min(s.mb_per_s for s in row.samples)
         hi = max(s.mb_per_s for s in row.samples)
         share = f"{rate / null:.0%}" if null else "-"
         cpu = f"{row.median(lambda s: s.cpu):.0%}" if row.samples[0].rss_max else "-"
+        agents = [s.agent_cpu for s in row.samples if s.agent_cpu is not None]
+        agent = f"{statistics.median(agents):.0%}" if agents else "-"
         rss = (
             f"{max(s.rss_max for s in row.samples) / (1 << 20):.0f} MiB"
             if row.samples[0].rss_max
             else "-"
         )
         notes = "; ".join(sorted({s.note for s in row.samples if s.note}))
-        print(f"| {name} | {rate:.0f} | {share} | {lo:.0f}-{hi:.0f} | {cpu} | {rss} | {notes} |")
+        print(
+            f"| {name} | {rate:.0f} | {share} | {lo:.0f}-{hi:.0f} | {cpu} | {agent} | {rss}"
+            f" | {notes} |"
+        )
 
 
 def main() -> int:
@@ -439,8 +466,9 @@ def main() -> int:
                 for sink, measure in sinks.items():
                     sample = measure(bench)
                     tables[mode][sink].samples.append(sample)
+                    agent = "" if sample.agent_cpu is None else f", agent {sample.agent_cpu:.0%}"
                     print(f"run {run} {mode} {sink}: {sample.mb_per_s:.0f} MB/s, daemon CPU"
-                          f" {sample.cpu:.0%} {sample.note}", flush=True)  # fmt: skip
+                          f" {sample.cpu:.0%}{agent} {sample.note}", flush=True)  # fmt: skip
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     for mode, rows in tables.items():
         print_table(mode, rows)
