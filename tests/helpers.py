@@ -65,7 +65,7 @@ async def open_engine(
         Engine(placer=backend.placer, output=hub, after_exit=after_exit, **hooks) as engine,
         anyio.create_task_group() as tg,
     ):
-        tg.start_soon(backend.pump, output_consumer(hub, None))
+        tg.start_soon(backend.pump, output_consumer(hub, None), hub)
         engine.load({s.name: s for s in specs})
         try:
             yield engine

@@ -6,7 +6,10 @@ It owns a task group: one `LeaderWatch` for every leader's exit, one
 `PipeReader` for every pipe, and a clean-up task per process from its
 leader's exit until nothing the leader left behind runs.
 Pipes are always drained into bounded ring buffers, so a child never
-blocks on a slow supervisor or a slow `tail`.
+blocks on a slow supervisor or a slow `tail`. With journal settings
+(`use_journal`), the agent also sends every line to journald as it reads
+it: the output of its units reaches the journal without crossing to the
+daemon, even while no daemon runs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
@@ -40,6 +43,7 @@ from .leaders import LeaderWatch
 from .lineage import SAMPLE_INTERVAL, Known, Lineage
 from .logs import LogStore
 from .logs.follow import follow_rings
+from .logs.journald import JournalSettings, UnitOutputForwarder
 from .logs.pump import PipeReader
 from .process import TOKEN_VAR, ProcessGroup, become_subreaper
 from .signals import parse_signal
@@ -126,8 +130,14 @@ class LocalAgent:
         self._want_cgroups = enabled_by_env() if cgroups is None else cgroups
         self.cgroups: AgentCgroups | None = None
         self._warden = warden
+        # What next_chunks handed out: how much of the output a pump pulled.
+        self.chunks_sent = 0
+        self.bytes_sent = 0
         self._lineage = Lineage(TOKEN_VAR)
         self._told_warden: set[Known] = set()
+        self._journal: UnitOutputForwarder | None = None
+        self._journal_settings: JournalSettings | None = None
+        self._journal_scope: anyio.CancelScope | None = None  # its backlog's sender
 
     async def __aenter__(self) -> LocalAgent:
         self.subreaper = become_subreaper()
@@ -176,6 +186,8 @@ class LocalAgent:
             self._leaders.close()
             if self.cgroups is not None:
                 self.cgroups.close()
+            # After the pipes: their last unfinished lines were sent as they closed.
+            self._close_journal()
 
     # -- the Agent contract --------------------------------------------------
 
@@ -212,10 +224,12 @@ class LocalAgent:
         hosted = _Hosted(group, request.stop_signal, request.stop_timeout, request.tag)
         self._hosted[name] = hosted
         assert self._tg is not None and self._pipes is not None, "agent used outside its context"
-        append = self.logs.append
-        closed = partial(self._pipe_closed, hosted)
-        self._pipes.add(group.stdout_fd, partial(append, name, "stdout", group.pid), closed)
-        self._pipes.add(group.stderr_fd, partial(append, name, "stderr", group.pid), closed)
+        for stream, fd in (("stdout", group.stdout_fd), ("stderr", group.stderr_fd)):
+            self._pipes.add(
+                fd,
+                partial(self._deliver, name, stream, group.pid),
+                partial(self._pipe_closed, hosted, stream),
+            )
         self._watch(hosted)
         return self._spawned(name, hosted)
 
@@ -277,15 +291,66 @@ class LocalAgent:
             self.logs, client, request_id, name, positions, tagged=tagged, raw=raw
         )
 
-    async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
-        await self.logs.wait_beyond(cursor, timeout)
-        chunks, new_cursor, lost = self.logs.since(cursor)
+    async def next_chunks(
+        self, cursor: int, timeout: float, names: Collection[str] | None = None
+    ) -> ChunkBatch:
+        await self.logs.wait_beyond(cursor, timeout, names)
+        chunks, new_cursor, lost = self.logs.since(cursor, names=names)
+        self.chunks_sent += len(chunks)
+        self.bytes_sent += sum(len(chunk.data) for chunk in chunks)
         return ChunkBatch(chunks=chunks, cursor=new_cursor, lost=lost)
 
     async def running(self) -> list[Spawned]:
         return [self._spawned(name, h) for name, h in self._hosted.items() if not h.done.is_set()]
 
+    # -- journald ------------------------------------------------------------
+
+    async def use_journal(self, settings: JournalSettings | None) -> bool:
+        """Send every line the units print to journald with these settings from
+        now on (None: stop). Returns whether a journald listens there.
+
+        The daemon says so each time it connects: an agent process outlives
+        a daemon, and the next one may be configured otherwise.
+        """
+        if settings == self._journal_settings:
+            return self._journal is not None
+        self._close_journal()
+        self._journal_settings = settings
+        if settings is None:
+            return False
+        journal = UnitOutputForwarder.open(settings, node=self.node)
+        if journal is None:
+            log.warning("journal.unavailable", path=settings.path)
+            return False
+        assert self._tg is not None, "agent used outside its context"
+        self._journal = journal
+        self._journal_scope = scope = anyio.CancelScope()
+        self._tg.start_soon(self._send_backlog, journal, scope)
+        return True
+
+    @staticmethod
+    async def _send_backlog(journal: UnitOutputForwarder, scope: anyio.CancelScope) -> None:
+        with scope:
+            await journal.sender.run_backlog()
+
+    def _close_journal(self) -> None:
+        """Send what the current journal holds (unfinished lines), then close it."""
+        journal, self._journal = self._journal, None
+        self._journal_settings = None
+        if self._journal_scope is not None:
+            self._journal_scope.cancel()
+            self._journal_scope = None
+        if journal is not None:
+            journal.flush_all()
+            journal.sender.close()
+
     # -- internals -----------------------------------------------------------
+
+    def _deliver(self, name: str, stream: str, pid: int, data: bytes) -> None:
+        """A read from a pipe: into the rings, and to journald line by line."""
+        chunk = self.logs.append(name, stream, pid, data)
+        if self._journal is not None:
+            self._journal.feed(chunk)
 
     def _get(self, name: str) -> _Hosted:
         try:
@@ -354,8 +419,14 @@ class LocalAgent:
                 self._warden.guard_pids((k.pid, k.start) for k in fresh)
                 self._told_warden = seen
 
-    @staticmethod
-    def _pipe_closed(hosted: _Hosted) -> None:
+    def _pipe_closed(self, hosted: _Hosted, stream: str) -> None:
+        group = hosted.group
+        if self._journal is not None:
+            # Its last line, even without a newline: nothing more can come.
+            self._journal.flush(group.name, stream, pid=group.pid)
         hosted.open_pipes -= 1
-        if hosted.open_pipes == 0 and hosted.drained is not None:
-            hosted.drained.set()
+        if hosted.open_pipes == 0:
+            if self._journal is not None:
+                self._journal.flush(group.name, pid=group.pid)  # the rate window's tally
+            if hosted.drained is not None:
+                hosted.drained.set()

@@ -10,6 +10,7 @@ name (a unit, or a unit's replica/rank such as ``llama-0-r1``).
 from __future__ import annotations
 
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -149,8 +150,15 @@ class Agent(Protocol):
         """The last `lines` lines of a stream (at most what the ring holds)."""
         ...
 
-    async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
-        """Long-poll: the chunks after cursor, waiting up to timeout for one."""
+    async def next_chunks(
+        self, cursor: int, timeout: float, names: Collection[str] | None = None
+    ) -> ChunkBatch:
+        """Long-poll: the chunks after cursor, waiting up to timeout for one.
+
+        ``names``: only these processes' chunks (None: everyone's); the
+        cursor returned is past the others' too. ``lost`` then counts
+        dropped chunks only when some of theirs were among them.
+        """
         ...
 
     async def running(self) -> list[Spawned]:

@@ -21,7 +21,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ from .agent_api import (
     SpawnRequest,
 )
 from .agent_wire import CANCEL, FOLLOW, PROTOCOL, FrameError, FrameReader, send_frame
+from .logs.journald import JournalSettings
 
 log = structlog.get_logger("dynsup.agent_client")
 
@@ -75,6 +76,7 @@ class AgentClient:
         self.lost = anyio.Event()  # set when the connection breaks (see `keep_agent`)
         self._replaced = anyio.Event()  # set when `reconnect` has a new connection
         self.keep = False  # whether a broken connection waits for `keep_agent`'s new one
+        self.journal: JournalSettings | None = None  # as told with use_journal
         self.info: dict[str, Any] = {}
         self.path: Path | None = None  # the agent's socket, for connections of their own
         tg.start_soon(self._read)
@@ -86,6 +88,7 @@ class AgentClient:
         self.lost = anyio.Event()
         self._tg.start_soon(self._read)
         self.info = await self.call("hello")
+        await self.call("use_journal", self.journal)
         replaced, self._replaced = self._replaced, anyio.Event()
         replaced.set()
 
@@ -196,11 +199,26 @@ class AgentClient:
     async def tail_log(self, name: str, stream: str, lines: int) -> LogRead:
         return await self.call("tail_log", name, stream, lines)  # type: ignore[no-any-return]
 
-    async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
-        return await self.call("next_chunks", cursor, timeout)  # type: ignore[no-any-return]
+    async def next_chunks(
+        self, cursor: int, timeout: float, names: Collection[str] | None = None
+    ) -> ChunkBatch:
+        names = None if names is None else frozenset(names)
+        return await self.call("next_chunks", cursor, timeout, names)  # type: ignore[no-any-return]
 
     async def running(self) -> list[Spawned]:
         return await self.call("running")  # type: ignore[no-any-return]
+
+    # -- beyond the Agent contract -------------------------------------------------
+
+    async def use_journal(self, settings: JournalSettings | None) -> bool:
+        """The agent forwards its units' output to journald with these settings
+        (and the agent started after this one dies, too)."""
+        self.journal = settings
+        return await self.call("use_journal", settings)  # type: ignore[no-any-return]
+
+    async def statistics(self) -> dict[str, Any]:
+        """The agent's counters: ``chunks_sent``/``bytes_sent`` on next_chunks."""
+        return await self.call("statistics")  # type: ignore[no-any-return]
 
 
 def agent_argv(path: Path, orphan_timeout: float) -> list[str]:
@@ -270,10 +288,13 @@ async def _connect(path: Path, tg: TaskGroup) -> AgentClient | None:
 
 @asynccontextmanager
 async def open_agent_process(
-    state_dir: Path, orphan_timeout: float = 0.0
+    state_dir: Path, orphan_timeout: float = 0.0, journal: JournalSettings | None = None
 ) -> AsyncIterator[tuple[AgentClient, bool]]:
     """The agent process of this state directory: (client, found) — found when it was
     already running (a previous daemon's, to adopt from).
+
+    ``journal``: where the agent sends its units' output from now on (None:
+    nowhere); told to a found agent too, whose last daemon may have said otherwise.
 
     On exit, the connection closes and the agent waits for the next daemon;
     call `shutdown_agent` first to stop it.
@@ -295,6 +316,7 @@ async def open_agent_process(
                 raise AgentError(f"the agent process started but {path} does not answer")
         else:
             log.info("agent.found", pid=client.info.get("pid"), version=client.info.get("version"))
+        await client.use_journal(journal)
         client.keep = True
         tg.start_soon(keep_agent, client, path, orphan_timeout)
         try:

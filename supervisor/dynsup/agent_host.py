@@ -68,6 +68,7 @@ AGENT_METHODS = frozenset(
         "tail_log",
         "next_chunks",
         "running",
+        "use_journal",
     }
 )
 # How long an exit waits for the daemon's pump to take the output before it.
@@ -86,10 +87,11 @@ class AgentHost:
         self.quit = anyio.Event()
         self._clients = 0
         self._clients_changed = Pulse()
-        # Where the last daemon's output pump had read up to: the next one
-        # resumes there, so journald gets what was printed in between, once.
+        # Where the last daemon's output pump had read up to, and the units it
+        # asked for (None: all). The next daemon resumes there.
         self._cursor = 0
         self._cursor_moved = Pulse()
+        self._pumped_names: frozenset[str] | None = None
 
     # -- calls beyond the Agent contract ------------------------------------------
 
@@ -102,32 +104,43 @@ class AgentHost:
             "node": self.agent.node,
         }
 
-    async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
+    async def next_chunks(
+        self, cursor: int, timeout: float, names: frozenset[str] | None = None
+    ) -> ChunkBatch:
         # Asking from cursor means everything up to it has been received and
         # handed on (the daemon's pump asks again only after that).
+        self._pumped_names = names
         if cursor > self._cursor:
             self._cursor = cursor
             self._cursor_moved.fire()
-        return await self.agent.next_chunks(cursor, timeout)
+        return await self.agent.next_chunks(cursor, timeout, names)
+
+    async def statistics(self) -> dict[str, int]:
+        """What next_chunks handed out: chunks and bytes (tests, benches)."""
+        return {"chunks_sent": self.agent.chunks_sent, "bytes_sent": self.agent.bytes_sent}
 
     async def wait_leader_exit(self, name: str) -> ExitStatus:
         status = await self.agent.wait_leader_exit(name)
-        await self._pumped()
+        await self._pumped(name)
         return status
 
     async def wait_exit(self, name: str) -> ExitStatus:
         status = await self.agent.wait_exit(name)
-        await self._pumped()
+        await self._pumped(name)
         return status
 
-    async def _pumped(self) -> None:
-        """Until the daemon has the output printed before now (bounded: it may have no pump).
+    async def _pumped(self, name: str) -> None:
+        """Until the daemon has name's output printed before now, when it pulls
+        name's output at all (bounded: it may have no pump).
 
         In-process, a unit's last lines are in the rings before anyone hears
         of its exit; across the socket the exit must not overtake them either,
-        or the journal would get a last line cut in two.
+        or a log probe or a follower in the daemon would miss the last lines.
+        (journald gets them from this process, as they are read.)
         """
-        last = self.agent.logs.last_seq
+        if self._pumped_names is not None and name not in self._pumped_names:
+            return
+        last = self.agent.logs.last_seq_of(name)
         with anyio.move_on_after(PUMP_WAIT):
             while self._cursor < last:
                 await self._cursor_moved.wait()
@@ -139,7 +152,14 @@ class AgentHost:
         self.quit.set()
 
     def method(self, name: str) -> Callable[..., Awaitable[Any]] | None:
-        if name in ("hello", "next_chunks", "wait_leader_exit", "wait_exit", "shutdown"):
+        if name in (
+            "hello",
+            "next_chunks",
+            "statistics",
+            "wait_leader_exit",
+            "wait_exit",
+            "shutdown",
+        ):
             return getattr(self, name)  # type: ignore[no-any-return]
         if name in AGENT_METHODS:
             return getattr(self.agent, name)  # type: ignore[no-any-return]

@@ -29,7 +29,8 @@ from typing import Any
 
 from anyio.abc import ByteStream
 
-PROTOCOL = 1
+# 2: next_chunks takes the names the daemon consumes; the agent forwards to journald.
+PROTOCOL = 2
 CANCEL = "__cancel__"
 # The first byte of a connection that hands over a `tail -f` client: it
 # carries the client's socket (SCM_RIGHTS). A call connection starts with a

@@ -5,6 +5,12 @@ backend is opened, so a stack without GPU units (the demo) never pays
 for it. Both backends give the daemon the same things: a placer for the
 engine, an agent for the control verbs, a pump of output chunks, and a
 GPU table (None without Ray).
+
+Without Ray the agent (in the daemon, or the agent process) forwards its
+units' output to journald itself, and the daemon's pump pulls only the
+output of the units it has consumers for (`OutputHub.names`): under a
+flood that nobody follows, no byte of it reaches the daemon. Ray's remote
+agents keep sending everything, which the daemon forwards to journald.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,15 +33,18 @@ import structlog
 from .agent import LocalAgent
 from .agent_api import Agent, AgentError, ChunkBatch
 from .config import AGENT_MODES, DaemonConfig, RayConfig
-from .engine import Engine
+from .engine import Engine, OutputHub
 from .engine.placement import Placement, PlacementFailed, Placer, SingleAgent
 from .engine.reload import fingerprint
+from .logs.journald import JournalSettings
 from .units.spec import ServiceSpec
 from .warden import MARK_VAR, Warden
 
 log = structlog.get_logger("dynsup.backend")
 
 OnBatch = Callable[[ChunkBatch], None]
+# How long a pump's long-poll waits for output before it asks again.
+POLL_TIMEOUT = 30.0
 
 
 class OverCommitted(PlacementFailed):
@@ -78,10 +87,21 @@ def ray_wanted(config: RayConfig, specs: Mapping[str, ServiceSpec]) -> bool:
 
 
 @dataclass
+class PumpStatistics:
+    """What a pump received from its agent: the output the daemon touched."""
+
+    batches: int = 0
+    chunks: int = 0
+    bytes: int = 0
+
+
+@dataclass
 class Backend:
     placer: Placer
     agent: Agent  # for the control verbs: tail, signal
-    pump: Callable[[OnBatch], Any]  # async: feeds output batches, forever
+    # async, forever: feeds output batches; given the hub, only the units it has
+    # consumers for (None: everything, for a daemon that forwards to journald)
+    pump: Callable[[OnBatch, OutputHub | None], Any]
     gpu_table: Callable[[], Any] | None = None  # async, for `dynsupctl gpus`
     adopt: Callable[[Engine, Mapping[str, ServiceSpec], set[str]], Any] | None = None
     check: Check = refuse_gpus  # before units are added or changed
@@ -91,29 +111,38 @@ class Backend:
     # --detach` may leave them to the next daemon. Set `detached` to do so.
     can_detach: bool = False
     detached: bool = False
+    # The agent forwards its units' output to journald (the daemon need not).
+    agent_journals: bool = False
+    pumped: PumpStatistics = field(default_factory=PumpStatistics)
 
 
 AGENT_ENV = "DYNSUP_AGENT"  # "process" | "inprocess": over [daemon] agent (tests pin a mode)
 
 
-def open_local_backend(config: DaemonConfig, state_dir: Path) -> AsyncContextManager[Backend]:
-    """Without Ray: the agent process (the default), or the agent inside the daemon."""
+def open_local_backend(
+    config: DaemonConfig, state_dir: Path, journal: JournalSettings | None = None
+) -> AsyncContextManager[Backend]:
+    """Without Ray: the agent process (the default), or the agent inside the daemon.
+
+    ``journal``: where the agent sends its units' output (None: nowhere).
+    """
     mode = os.environ.get(AGENT_ENV, "").strip() or config.agent
     if mode not in AGENT_MODES:
         log.warning("agent.unknown_mode", mode=mode, using=config.agent)
         mode = config.agent
     if mode == "inprocess":
-        return open_local()
-    return open_agent_backend(state_dir, config.agent_orphan_timeout)
+        return open_local(journal)
+    return open_agent_backend(state_dir, config.agent_orphan_timeout, journal)
 
 
 @asynccontextmanager
-async def open_local() -> AsyncIterator[Backend]:
+async def open_local(journal: JournalSettings | None = None) -> AsyncIterator[Backend]:
     # The units are session leaders: if the daemon dies without clean-up they
     # would run on as orphans, holding their ports. Its warden kills them.
     warden = Warden(f"local/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}")
     try:
         async with LocalAgent(env={MARK_VAR: warden.mark}, warden=warden) as agent:
+            await agent.use_journal(journal)
             yield _local_backend(agent)
     finally:
         with anyio.CancelScope(shield=True):
@@ -122,7 +151,7 @@ async def open_local() -> AsyncIterator[Backend]:
 
 @asynccontextmanager
 async def open_agent_backend(
-    state_dir: Path, orphan_timeout: float = 0.0
+    state_dir: Path, orphan_timeout: float = 0.0, journal: JournalSettings | None = None
 ) -> AsyncIterator[Backend]:
     """The units under the agent process of the state directory (``agent = "process"``).
 
@@ -131,7 +160,7 @@ async def open_agent_backend(
     """
     from .agent_client import open_agent_process, shutdown_agent
 
-    async with open_agent_process(state_dir, orphan_timeout) as (client, found):
+    async with open_agent_process(state_dir, orphan_timeout, journal) as (client, found):
         backend = _local_backend(client, start=int(client.info.get("cursor", 0)))
         backend.can_detach = True
         if found:
@@ -192,14 +221,67 @@ async def stop_in_order(agent: Agent, names: set[str], specs: Mapping[str, Servi
 
 
 def _local_backend(agent: Agent, start: int = 0) -> Backend:
-    async def pump(on_batch: OnBatch) -> None:
-        cursor = start
+    stats = PumpStatistics()
+
+    async def pump(on_batch: OnBatch, interest: OutputHub | None = None) -> None:
+        await pump_local(agent, counted(on_batch, stats), interest, start)
+
+    return Backend(placer=NoGpus(agent), agent=agent, pump=pump, agent_journals=True, pumped=stats)
+
+
+def counted(on_batch: OnBatch, stats: PumpStatistics) -> OnBatch:
+    def count(batch: ChunkBatch) -> None:
+        stats.batches += 1
+        stats.chunks += len(batch.chunks)
+        stats.bytes += sum(len(chunk.data) for chunk in batch.chunks)
+        on_batch(batch)
+
+    return count
+
+
+@dataclass
+class _Poll:
+    names: frozenset[str]
+    scope: anyio.CancelScope
+
+
+async def pump_local(
+    agent: Agent, on_batch: OnBatch, interest: OutputHub | None, cursor: int
+) -> None:
+    """Feed on_batch with the agent's output, forever; with ``interest``, only
+    the output of the units it names at each moment.
+
+    When the names change (a log probe starts, a follower leaves), the
+    long-poll is cancelled and asked again with the new names, from the same
+    cursor: nothing a consumer subscribed before is skipped. A consumer that
+    arrives later may receive chunks printed a little before it came (from
+    the cursor on, at most the agent's chunk queue); each already drops what
+    is not its own: a log probe the chunks of another pid, a follower the
+    bytes before the offset it read first. With no names, the pump still
+    asks (for nobody's chunks), so that its cursor moves on each timeout.
+    """
+    if interest is None:
         while True:
-            batch = await agent.next_chunks(cursor, timeout=30.0)
+            batch = await agent.next_chunks(cursor, POLL_TIMEOUT)
             on_batch(batch)
             cursor = batch.cursor
+    poll: _Poll | None = None
 
-    return Backend(placer=NoGpus(agent), agent=agent, pump=pump)
+    async def cancel_on_change() -> None:
+        while True:
+            # Look, then wait, with no await in between: no change is missed.
+            if poll is not None and interest.names() != poll.names:
+                poll.scope.cancel()
+            await interest.changed.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancel_on_change)
+        while True:
+            poll = _Poll(interest.names(), anyio.CancelScope())
+            with poll.scope:
+                batch = await agent.next_chunks(cursor, POLL_TIMEOUT, poll.names)
+                on_batch(batch)
+                cursor = batch.cursor
 
 
 @asynccontextmanager
@@ -215,7 +297,8 @@ async def open_ray_backend(
         instance=instance, address=config.address, num_gpus=num_gpus, state_dir=state_dir
     ) as runtime:
 
-        async def pump(on_batch: OnBatch) -> None:
+        async def pump(on_batch: OnBatch, interest: OutputHub | None = None) -> None:
+            # Everything, whoever is interested: the daemon forwards it to journald.
             await runtime.pump_output(on_batch)
 
         async def gpu_table() -> Any:

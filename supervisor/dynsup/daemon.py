@@ -53,12 +53,11 @@ from .gpucheck import GpusFreedCheck
 from .gpumem import open_probe
 from .listen import parse_listen
 from .logs import (
-    JOURNAL_SOCKET,
     JournalSender,
+    JournalSettings,
     RateLimit,
     UnitOutputForwarder,
     configure_logging,
-    journal_is_live,
 )
 from .plan import check_units
 from .resources import ResourceMonitor
@@ -197,7 +196,8 @@ def load_specs(
 def output_consumer(
     hub: OutputHub, journal: UnitOutputForwarder | None
 ) -> Callable[[ChunkBatch], None]:
-    """What to do with each batch of output the agents pump: probes, tail -f, journald."""
+    """What to do with each batch of output the agents pump: probes, tail -f, and
+    journald where the daemon forwards (Ray's remote agents)."""
 
     def consume(batch: ChunkBatch) -> None:
         if batch.lost:
@@ -298,23 +298,15 @@ def all_running(engine: Engine, names: list[str]) -> bool:
 
 
 async def flush_journal_on_exit(engine: Engine, journal: UnitOutputForwarder) -> None:
-    """A process's last line without a newline reaches journald when the process ends."""
+    """A process's last line without a newline reaches journald when the process ends.
+
+    Only where the daemon forwards (Ray); a local agent flushes at the pipes' EOF.
+    """
     ended = {State.BACKOFF, State.EXITED, State.FATAL, State.STOPPED}
     with engine.subscribe() as changes:
         async for snap in changes:
             if snap.state in ended:
                 journal.flush(snap.name)
-
-
-def open_journal(
-    rate_limit: RateLimit,
-) -> tuple[JournalSender | None, UnitOutputForwarder | None]:
-    """journald's native socket ($DYNSUP_JOURNAL_SOCKET picks a journal namespace's)."""
-    path = os.environ.get("DYNSUP_JOURNAL_SOCKET") or JOURNAL_SOCKET
-    sender = JournalSender.open(path) if journal_is_live(path) else None
-    if sender is None:
-        return None, None
-    return sender, UnitOutputForwarder(sender, rate_limit=rate_limit)
 
 
 class Daemon:
@@ -338,7 +330,9 @@ class Daemon:
         self.desired.remember_port_blocks(blocks)
         return specs
 
-    async def serve(self, journal: UnitOutputForwarder | None) -> None:
+    async def serve(self, sender: JournalSender | None, journal: JournalSettings) -> None:
+        """``sender``: the daemon's own journald socket (None: no journald);
+        ``journal``: where units' output goes, by whichever process forwards it."""
         settings = self.settings
         notifier = Notifier.from_env()
         hub = OutputHub()
@@ -351,18 +345,25 @@ class Daemon:
         # Bind first: a second daemon must refuse before it touches any unit.
         await server.bind()
         ray = settings.config.ray
+        forwarder = None
         if ray_wanted(ray, self.specs):
             log.info("ray.on", address=ray.address or "embedded")
             backend_context = open_ray_backend(
                 ray, settings.state_dir, instance_name(settings.state_dir)
             )
+            # Remote agents send their output here: the daemon forwards it.
+            if sender is not None:
+                forwarder = UnitOutputForwarder(sender, rate_limit=journal.rate_limit)
         else:
-            backend_context = open_local_backend(settings.config, settings.state_dir)
+            # The local agent forwards its units' output itself, as it reads it.
+            backend_context = open_local_backend(
+                settings.config, settings.state_dir, journal if sender is not None else None
+            )
         async with backend_context as backend:
             # No up-front GPU check: what a previous daemon left running is
             # adopted first, and a wanted unit that cannot be placed then goes
             # FATAL alone with the placer's reason (asked vs per node).
-            await self._run(server, backend, hub, notifier, journal)
+            await self._run(server, backend, hub, notifier, sender, forwarder)
         notifier.close()
         log.info("daemon.stopped")
 
@@ -372,6 +373,7 @@ class Daemon:
         backend: Backend,
         hub: OutputHub,
         notifier: Notifier,
+        sender: JournalSender | None,
         journal: UnitOutputForwarder | None,
     ) -> None:
         desired = self.desired
@@ -414,12 +416,17 @@ class Daemon:
                 await tg.start(metrics.serve, self.settings.metrics, follower, monitor)
             server.handlers.update(handlers)
             await tg.start(server.serve)
-            tg.start_soon(keep_running, "pump", backend.pump, output_consumer(hub, journal))
+            # The pump pulls only what the hub's consumers want, unless the
+            # daemon forwards units' output to journald itself.
+            interest = hub if journal is None else None
+            consume = output_consumer(hub, journal)
+            tg.start_soon(keep_running, "pump", backend.pump, consume, interest)
             if backend.watch is not None:
                 tg.start_soon(keep_running, "backend_watch", backend.watch)
             if journal is not None:
                 tg.start_soon(keep_running, "journal_flush", flush_journal_on_exit, engine, journal)
-                tg.start_soon(keep_running, "journal_backlog", journal.sender.run_backlog)
+            if sender is not None:  # the daemon's own events, and units' output under Ray
+                tg.start_soon(keep_running, "journal_backlog", sender.run_backlog)
             tg.start_soon(keep_running, "watchdog", notifier.run_watchdog)
             tg.start_soon(keep_running, "endpoints", announce_endpoints, engine)
             wanted = {n for n, spec in self.specs.items() if desired.wants(n, spec.autostart)}
@@ -533,9 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check_units(settings, as_json=args.json)
     config = settings.config
-    sender, journal = open_journal(
+    journal = JournalSettings.from_env(
         RateLimit(config.journal_rate_limit_interval, config.journal_rate_limit_burst)
     )
+    sender = JournalSender.open(journal.path)
     # Under systemd, stderr already goes to the journal (JOURNAL_STREAM is set):
     # sending events natively as well would store each one twice.
     own_events = None if os.environ.get("JOURNAL_STREAM") else sender
@@ -557,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     try:
-        anyio.run(daemon.serve, journal)
+        anyio.run(daemon.serve, sender, journal)
     except AlreadyRunning as exc:
         print(f"dynsupd: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING

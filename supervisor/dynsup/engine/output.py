@@ -3,6 +3,12 @@
 Whoever pumps chunks out of an agent publishes them here; a log probe
 subscribes before its process is spawned, so it cannot miss a line.
 Publishing never blocks: a subscriber that falls behind loses output.
+
+The hub also says whose output it needs (`names`, and `changed` when that
+set changes): a pump may pull only those units' chunks. Chunks of a unit
+printed a little before its consumer came may still be published to it;
+each consumer drops what is not its own (a probe: another pid; `tail -f`:
+bytes before the offset it read first).
 """
 
 from __future__ import annotations
@@ -10,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..agent_api import LogChunk
+from ..broadcast import Pulse
 
 _MAX_LINE = 64 * 1024
 # What a `tail -f` follower may have queued (its socket is slower than the
@@ -23,6 +31,8 @@ FOLLOW_BUDGET = 4 << 20
 # What a log probe may have queued: searching a block costs it far less
 # than the pump's read that made it, so it only lags on a busy loop.
 PROBE_BUDGET = 4 << 20
+
+_C = TypeVar("_C")
 
 
 class LineSubscription:
@@ -120,34 +130,56 @@ class ChunkFollower:
 
 class OutputHub:
     def __init__(self) -> None:
+        # Invariant: no empty lists; their keys are `names()`.
         self._subs: dict[str, list[LineSubscription]] = {}
         self._followers: dict[str, list[ChunkFollower]] = {}
+        self._names: frozenset[str] = frozenset()
+        self.changed = Pulse()  # fired when `names()` changes
+
+    def names(self) -> frozenset[str]:
+        """The units whose output someone here consumes now."""
+        return self._names
+
+    def _update_names(self) -> None:
+        names = frozenset(self._subs) | frozenset(self._followers)
+        if names != self._names:
+            self._names = names
+            self.changed.fire()
 
     def follow(self, *names: str, budget: int = FOLLOW_BUDGET) -> ChunkFollower:
         """One follower of these units' chunks, in the order they are published."""
         follower = ChunkFollower(self, names, budget)
         for name in names:
             self._followers.setdefault(name, []).append(follower)
+        self._update_names()
         return follower
 
     def unfollow(self, follower: ChunkFollower) -> None:
         for name in follower.names:
-            followers = self._followers.get(name, [])
-            if follower in followers:
-                followers.remove(follower)
+            _discard(self._followers, name, follower)
+        self._update_names()
 
     def subscribe(self, name: str, pid: int | None, budget: int = PROBE_BUDGET) -> LineSubscription:
         sub = LineSubscription(self, name, pid, budget)
         self._subs.setdefault(name, []).append(sub)
+        self._update_names()
         return sub
 
     def unsubscribe(self, sub: LineSubscription) -> None:
-        subs = self._subs.get(sub.name, [])
-        if sub in subs:
-            subs.remove(sub)
+        _discard(self._subs, sub.name, sub)
+        self._update_names()
 
     def publish(self, chunk: LogChunk) -> None:
         for sub in list(self._subs.get(chunk.name, ())):
             sub.offer(chunk)
         for follower in list(self._followers.get(chunk.name, ())):
             follower.offer(chunk)
+
+
+def _discard(table: dict[str, list[_C]], name: str, consumer: _C) -> None:
+    """Remove consumer from table[name], and the key with its last consumer."""
+    consumers = table.get(name, [])
+    if consumer in consumers:
+        consumers.remove(consumer)
+    if not consumers:
+        table.pop(name, None)

@@ -3,6 +3,7 @@
 from .journald import (
     JOURNAL_SOCKET,
     JournalSender,
+    JournalSettings,
     JournalStatistics,
     LineSplitter,
     RateLimit,
@@ -15,6 +16,7 @@ from .structlog_setup import configure_logging
 __all__ = [
     "JOURNAL_SOCKET",
     "JournalSender",
+    "JournalSettings",
     "JournalStatistics",
     "LineSplitter",
     "LogStore",

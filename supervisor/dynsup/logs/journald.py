@@ -351,6 +351,22 @@ class RateLimit:
     burst: int = 10000
 
 
+@dataclass(frozen=True)
+class JournalSettings:
+    """Where units' output goes to journald, and its rate limit: plain data, from
+    the daemon to the agent that forwards (an agent process outlives a daemon,
+    and the next daemon may be configured otherwise)."""
+
+    path: str = JOURNAL_SOCKET
+    rate_limit: RateLimit = RateLimit()
+    node: str | None = None  # DYNSUP_NODE; None: the forwarding host's name
+
+    @classmethod
+    def from_env(cls, rate_limit: RateLimit) -> JournalSettings:
+        """$DYNSUP_JOURNAL_SOCKET picks a journal namespace's socket (tests, benches)."""
+        return cls(os.environ.get("DYNSUP_JOURNAL_SOCKET") or JOURNAL_SOCKET, rate_limit)
+
+
 @dataclass
 class _Window:
     start: float
@@ -388,6 +404,14 @@ class UnitOutputForwarder:
         self._streams: dict[tuple[str, str], _Stream] = {}
         self._windows: dict[str, _Window] = {}
 
+    @classmethod
+    def open(cls, settings: JournalSettings, node: str | None = None) -> UnitOutputForwarder | None:
+        """A forwarder with its own sender, or None when no journald listens there."""
+        sender = JournalSender.open(settings.path)
+        if sender is None:
+            return None
+        return cls(sender, node=settings.node or node, rate_limit=settings.rate_limit)
+
     def feed(self, chunk: LogChunk) -> None:
         key = (chunk.name, chunk.stream)
         held = self._streams.get(key)
@@ -412,13 +436,26 @@ class UnitOutputForwarder:
         if allowed is not None:
             self._windows[chunk.name].sent += len(lines)
 
-    def flush(self, name: str, stream: str | None = None) -> None:
-        """Send the unfinished lines of a unit (both streams when stream is None)."""
+    def flush(self, name: str, stream: str | None = None, pid: int | None = None) -> None:
+        """Send the unfinished lines of a unit (both streams when stream is None).
+
+        ``pid``: only what that process wrote (the pipes of a process may
+        close after its successor started printing). Without ``stream``, the
+        unit's rate window ends too (its tally of suppressed lines is sent),
+        unless a line of another process is still held.
+        """
         streams = (stream,) if stream is not None else ("stdout", "stderr")
         for s in streams:
-            self._flush_key((name, s))
-        if stream is None:
+            held = self._streams.get((name, s))
+            if held is not None and (pid is None or held.pid == pid):
+                self._flush_key((name, s))
+        if stream is None and not any((name, s) in self._streams for s in streams):
             self._end_window(name)
+
+    def flush_all(self) -> None:
+        """Send every unfinished line and every tally (before the forwarder closes)."""
+        for name in {name for name, _ in self._streams} | set(self._windows):
+            self.flush(name)
 
     def _allowance(self, name: str) -> int | None:
         """How many more lines name may send now (None: unlimited)."""

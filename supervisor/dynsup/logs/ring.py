@@ -7,15 +7,16 @@ reader loses the oldest bytes, a writer (a child's pipe) never waits.
 
 `LogStore` keeps one ring per (process name, stream) and an agent-wide
 queue of recent chunks with sequence numbers, for pumps that long-poll
-(`since`, `wait_beyond`). Both are sync and lock-free: they live on one
-event loop.
+(`since`, `wait_beyond`), either for every process or only for some names
+(a pump that pulls only what its daemon consumes). Both are sync and
+lock-free: they live on one event loop.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from itertools import islice
 
 import anyio
@@ -157,9 +158,16 @@ class LogStore:
         self._recent: deque[LogChunk] = deque()
         self._recent_size = 0
         self._last_seq = 0
+        # name -> seq of its newest chunk, and of its newest chunk dropped from
+        # the queue: what a pump interested in some names only has to look at.
+        self._last_of: dict[str, int] = {}
+        self._dropped_of: dict[str, int] = {}
         # Created by the first waiter, set and dropped by the next append:
         # anyio.Event needs a running loop, append may run without one.
         self._appended: anyio.Event | None = None
+        # Waiters for some names only: a chunk of another name wakes none of
+        # them (under a flood of a unit nobody follows, the pump sleeps).
+        self._waiters: list[tuple[Collection[str], anyio.Event]] = []
 
     @property
     def last_seq(self) -> int:
@@ -185,14 +193,28 @@ class LogStore:
         )
         self._recent.append(chunk)
         self._recent_size += len(data) + _CHUNK_OVERHEAD
+        self._last_of[name] = self._last_seq
         # Keep the newest chunk whatever its size, so a pump can always see it.
         while self._recent_size > self.recent_bytes and len(self._recent) > 1:
             old = self._recent.popleft()
             self._recent_size -= len(old.data) + _CHUNK_OVERHEAD
+            self._dropped_of[old.name] = old.seq
         if self._appended is not None:
             self._appended.set()
             self._appended = None
+        if self._waiters:
+            self._wake(name)
         return chunk
+
+    def _wake(self, name: str) -> None:
+        """Wake the waiters for name (each once: a woken waiter looks again)."""
+        waiting = []
+        for names, event in self._waiters:
+            if name in names:
+                event.set()
+            else:
+                waiting.append((names, event))
+        self._waiters = waiting
 
     def read(self, name: str, stream: str, offset: int, limit: int) -> tuple[int, bytes, int]:
         """`RingBuffer.read` on one stream; a stream never written reads as empty."""
@@ -211,43 +233,80 @@ class LogStore:
         ring = self._rings.get((name, stream))
         return 0 if ring is None else ring.end
 
+    def last_seq_of(self, name: str) -> int:
+        """Sequence number of name's newest chunk (0 before its first)."""
+        return self._last_of.get(name, 0)
+
     def remove(self, name: str) -> None:
         """Forget a process's rings (a removed unit or replica); queued chunks age out."""
         for key in [k for k in self._rings if k[0] == name]:
             del self._rings[key]
 
-    def since(self, cursor: int, max_bytes: int | None = None) -> tuple[list[LogChunk], int, int]:
+    def since(
+        self,
+        cursor: int,
+        max_bytes: int | None = None,
+        names: Collection[str] | None = None,
+    ) -> tuple[list[LogChunk], int, int]:
         """The queued chunks after ``cursor``: ``(chunks, new_cursor, lost)``.
 
+        ``names``: only those processes' chunks (None: everyone's); the new
+        cursor is past the others too, so they are never looked at again.
         ``lost`` counts the chunks after the cursor that were dropped before
-        this call. ``max_bytes`` caps a batch (at least one chunk is returned).
+        this call; with ``names``, only when one of theirs was among them
+        (then all of them: the queue does not keep the names of what it
+        dropped). ``max_bytes`` caps a batch (at least one chunk is returned).
         A cursor beyond the newest chunk (from a previous agent) resyncs to it.
         """
         if cursor >= self._last_seq:
             return [], self._last_seq, 0
         first_seq = self._recent[0].seq
         lost = max(0, first_seq - cursor - 1)
+        if names is not None and not any(self._dropped_of.get(n, 0) > cursor for n in names):
+            lost = 0
         chunks: list[LogChunk] = []
         size = 0
+        new_cursor = self._last_seq
         for chunk in islice(self._recent, max(0, cursor + 1 - first_seq), None):
+            if names is not None and chunk.name not in names:
+                continue
             size += len(chunk.data)
             if max_bytes is not None and chunks and size > max_bytes:
+                new_cursor = chunks[-1].seq
                 break
             chunks.append(chunk)
-        return chunks, chunks[-1].seq, lost
+        return chunks, new_cursor, lost
 
-    async def wait_beyond(self, cursor: int, timeout: float) -> bool:
+    async def wait_beyond(
+        self, cursor: int, timeout: float, names: Collection[str] | None = None
+    ) -> bool:
         """Wait until a chunk newer than ``cursor`` exists or ``timeout`` passes.
 
-        Returns whether one exists. Cancellable; never consumes anything.
-        A cursor beyond the newest chunk (from a previous agent's life)
-        returns at once: `since` resyncs it.
+        ``names``: a chunk of one of them (None: of anyone). Returns whether
+        one exists. Cancellable; never consumes anything. A cursor beyond the
+        newest chunk (from a previous agent's life) returns at once: `since`
+        resyncs it.
         """
         if cursor > self._last_seq:
             return False
         with anyio.move_on_after(timeout):
-            while self._last_seq <= cursor:
-                if self._appended is None:
-                    self._appended = anyio.Event()
-                await self._appended.wait()
-        return self._last_seq > cursor
+            if names is None:
+                while self._last_seq <= cursor:
+                    if self._appended is None:
+                        self._appended = anyio.Event()
+                    await self._appended.wait()
+            else:
+                while not self._beyond(cursor, names):
+                    waiter = (names, anyio.Event())
+                    self._waiters.append(waiter)
+                    try:
+                        await waiter[1].wait()
+                    finally:
+                        if waiter in self._waiters:  # cancelled, or timed out
+                            self._waiters.remove(waiter)
+        return self._beyond(cursor, names)
+
+    def _beyond(self, cursor: int, names: Collection[str] | None) -> bool:
+        if names is None:
+            return self._last_seq > cursor
+        return any(self._last_of.get(name, 0) > cursor for name in names)

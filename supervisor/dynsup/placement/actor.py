@@ -115,8 +115,10 @@ class AgentActor:
     async def tail_log(self, name: str, stream: str, lines: int) -> Any:
         return await self._call("tail_log", name, stream, lines)
 
-    async def next_chunks(self, cursor: int, timeout: float) -> Any:
-        return await self._call("next_chunks", cursor, timeout)
+    async def next_chunks(
+        self, cursor: int, timeout: float, names: frozenset[str] | None = None
+    ) -> Any:
+        return await self._call("next_chunks", cursor, timeout, names)
 
     async def running(self) -> Any:
         return await self._call("running")

@@ -19,7 +19,7 @@ process: the gang implements the `Agent` contract and returns rank 0's
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import anyio
@@ -183,8 +183,10 @@ class GangAgent:
     async def tail_log(self, name: str, stream: str, lines: int) -> LogRead:
         return await self.ranks[0].agent.tail_log(name, stream, lines)
 
-    async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
-        return await self.ranks[0].agent.next_chunks(cursor, timeout)
+    async def next_chunks(
+        self, cursor: int, timeout: float, names: Collection[str] | None = None
+    ) -> ChunkBatch:
+        return await self.ranks[0].agent.next_chunks(cursor, timeout, names)
 
     async def running(self) -> list[Spawned]:
         """The gang's ranks that run now, rank 0 first."""

@@ -13,7 +13,7 @@ Every other call goes to the agent of the last spawn.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import replace
 
 from ..agent_api import Agent, ChunkBatch, ExitStatus, LogRead, Spawned, SpawnRequest
@@ -56,8 +56,10 @@ class RelocatingAgent:
     async def tail_log(self, name: str, stream: str, lines: int) -> LogRead:
         return await self.current.tail_log(name, stream, lines)
 
-    async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
-        return await self.current.next_chunks(cursor, timeout)
+    async def next_chunks(
+        self, cursor: int, timeout: float, names: Collection[str] | None = None
+    ) -> ChunkBatch:
+        return await self.current.next_chunks(cursor, timeout, names)
 
     async def running(self) -> list[Spawned]:
         return await self.current.running()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections.abc import Collection
 from typing import Any
 
 import anyio
@@ -209,8 +210,14 @@ class RemoteAgent:
     async def tail_log(self, name: str, stream: str, lines: int) -> LogRead:
         return await self._call("tail_log", name, stream, lines)
 
-    async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
-        """Chunks after cursor; across a lost agent, waits (up to timeout) for its successor."""
+    async def next_chunks(
+        self, cursor: int, timeout: float, names: Collection[str] | None = None
+    ) -> ChunkBatch:
+        """Chunks after cursor; across a lost agent, waits (up to timeout) for its successor.
+
+        ``names`` is passed on to the actor only when given: None asks for
+        everything, as the daemon's Ray pump does.
+        """
         generation, inner = cursor >> _GEN_SHIFT, cursor & ((1 << _GEN_SHIFT) - 1)
         replaced = self._replaced
         try:
@@ -220,7 +227,10 @@ class RemoteAgent:
                     inner = 0  # another actor's cursor: this one's log from its start
                 generation = self._generation
                 # The long-poll itself is the actor's: it answers by timeout.
-                batch: ChunkBatch = await self._call_on(handle, "next_chunks", inner, timeout)
+                extra = () if names is None else (frozenset(names),)
+                batch: ChunkBatch = await self._call_on(
+                    handle, "next_chunks", inner, timeout, *extra
+                )
                 while self._spawning:
                     await self._spawn_done.wait()
                 return ChunkBatch(

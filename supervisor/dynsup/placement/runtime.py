@@ -26,7 +26,7 @@ import functools
 import os
 import re
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,8 +376,10 @@ class UnitRouter:
     async def tail_log(self, name: str, stream: str, lines: int) -> LogRead:
         return await self._placer.agent_of(name).tail_log(name, stream, lines)
 
-    async def next_chunks(self, cursor: int, timeout: float) -> ChunkBatch:
-        return await self._pool.local.next_chunks(cursor, timeout)
+    async def next_chunks(
+        self, cursor: int, timeout: float, names: Collection[str] | None = None
+    ) -> ChunkBatch:
+        return await self._pool.local.next_chunks(cursor, timeout, names)
 
     async def running(self) -> list[Spawned]:
         found: list[Spawned] = []
