@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import pytest
 import structlog
 
@@ -160,10 +162,11 @@ def test_unit_output_is_one_entry_per_line(sender: JournalSender, journald_insta
         assert entry["DYNSUP_NODE"] == "node-7"
 
 
+@pytest.mark.parametrize("agent", ["process", "inprocess"])
 def test_every_line_a_unit_prints_reaches_journald_with_its_fields(
-    tmp_path: Path, journald_instance: Journald
+    tmp_path: Path, journald_instance: Journald, agent: str
 ) -> None:
-    """Through the whole daemon: pipes, pump, rings, forwarder; both streams, in order."""
+    """Through the whole daemon: pipes, rings, the agent's forwarder; both streams, in order."""
     unit = unique("unit")
     stdout_lines = 3000
     stderr_lines = stdout_lines // 100
@@ -187,7 +190,7 @@ def test_every_line_a_unit_prints_reaches_journald_with_its_fields(
         start_seconds = 0
     """
     write_unit(units, unit, unit_file)
-    env = {"DYNSUP_JOURNAL_SOCKET": journald_instance.socket_path}
+    env = {"DYNSUP_JOURNAL_SOCKET": journald_instance.socket_path, "DYNSUP_AGENT": agent}
     with run_dynsupd(tmp_path, units, env=env) as daemon:
         assert daemon.ctl("start", "--no-wait", unit).returncode == 0
         entries = journald_instance.entries(unit, count=stdout_lines + stderr_lines)
@@ -205,6 +208,85 @@ def test_every_line_a_unit_prints_reaches_journald_with_its_fields(
     assert len(pids) == 1
     assert by_stream["stdout"] == [f"out {i} {'x' * (i % 300)}" for i in range(stdout_lines)]
     assert by_stream["stderr"] == [f"err {i}" for i in range(stderr_lines)]
+
+
+def test_lines_reach_journald_while_the_daemon_is_sigkilled_and_the_last_unfinished_one_at_exit(
+    tmp_path: Path, journald_instance: Journald
+) -> None:
+    """The agent process forwards on its own: no daemon needed between a line and journald."""
+    unit = unique("unit")
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    command = py_command(f"""
+        import sys
+        print("before the daemon died", flush=True)
+        open({str(go)!r}).read()  # until the test has killed the daemon
+        for i in range(5):
+            print("no daemon runs", i, flush=True)
+        sys.stderr.write("last words, no newline")
+        sys.stderr.flush()
+    """)
+    units = tmp_path / "units"
+    write_unit(
+        units,
+        unit,
+        f"""
+        [unit]
+        autostart = false
+        [service]
+        command = {command}
+        restart = "no"
+        start_seconds = 0
+        """,
+    )
+    env = {"DYNSUP_JOURNAL_SOCKET": journald_instance.socket_path, "DYNSUP_AGENT": "process"}
+    agent = None
+    try:
+        with run_dynsupd(tmp_path, units, env=env) as daemon:
+            started = daemon.wait_event(lambda e: e.get("event") == "agent.started")
+            agent = psutil.Process(started["pid"])
+            assert daemon.ctl("start", "--no-wait", unit).returncode == 0
+            [first] = journald_instance.entries(unit)
+            assert first["MESSAGE"] == "before the daemon died"
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait(30)
+            with open(go, "w") as release:  # the unit waits on the other end
+                release.write("go")
+            entries = journald_instance.entries(unit, count=7)
+            assert daemon.proc.poll() is not None  # and no other daemon ran meanwhile
+    finally:
+        if agent is not None:  # left running by the SIGKILLed daemon: stop it and the unit
+            agent.terminate()
+            agent.wait(60)
+    assert [e["MESSAGE"] for e in entries] == [
+        "before the daemon died",
+        *(f"no daemon runs {i}" for i in range(5)),
+        "last words, no newline",  # sent when its pipe closed: the process ended
+    ]
+    assert [e["DYNSUP_STREAM"] for e in entries] == ["stdout"] * 6 + ["stderr"]
+    assert len({e["DYNSUP_PID"] for e in entries}) == 1
+    for entry in entries:
+        assert entry["SYSLOG_IDENTIFIER"] == entry["DYNSUP_UNIT"] == unit
+        assert entry["DYNSUP_NODE"] == socket.gethostname()
+
+
+def test_a_process_s_unfinished_line_is_flushed_only_by_its_own_end(
+    dgram_server: tuple[str, socket.socket],
+) -> None:
+    """An old process's pipes may close after its successor printed half a line."""
+    path, server = dgram_server
+    server.setblocking(False)
+    with JournalSender(path) as sender:
+        forwarder = UnitOutputForwarder(sender, node="n")
+        forwarder.feed(LogChunk(1, "web", "stdout", 200, 0, b"half of the new one's", 0.0))
+        forwarder.flush("web", "stdout", pid=100)  # the old process's EOF
+        forwarder.flush("web", pid=100)
+        with pytest.raises(BlockingIOError):
+            server.recv(4096)
+        forwarder.flush("web", "stdout", pid=200)
+    entry = server.recv(4096)
+    assert b"MESSAGE=half of the new one's\n" in entry
+    assert b"DYNSUP_PID=200\n" in entry
 
 
 def test_unfinished_line_keeps_the_pid_that_wrote_it(dgram_server: tuple[str, socket.socket]):
