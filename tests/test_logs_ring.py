@@ -295,3 +295,46 @@ def test_a_flood_reuses_the_ring_storage_instead_of_reallocating_it() -> None:
         ring.append(bytes([i % 256]) * (1 + i * 37 % 5000))
         assert sys.getsizeof(ring._buf) == storage
     assert storage < capacity + 1024
+
+
+def test_since_for_some_names_skips_the_others_chunks_and_moves_past_them() -> None:
+    store = LogStore()
+    web = [store.append("web", "stdout", 1, b"w%d" % i) for i in range(3)]
+    store.append("db", "stdout", 2, b"d")
+    assert store.since(0, names={"web"}) == (web, 4, 0)
+    assert store.since(0, names=set()) == ([], 4, 0)
+    assert store.since(0, max_bytes=3, names={"web"}) == (web[:1], 1, 0)
+    assert store.last_seq_of("web") == 3 and store.last_seq_of("db") == 4
+
+
+def test_since_for_some_names_reports_lost_chunks_only_when_theirs_were_dropped() -> None:
+    store = LogStore(recent_bytes=3 * 1300)  # three chunks fit
+    for _ in range(5):
+        store.append("flood", "stdout", 1, b"x" * 1000)
+    quiet = store.append("quiet", "stdout", 2, b"y" * 1000)
+    # seqs 1-3 (flood's) were dropped: nothing the quiet unit's reader wanted.
+    assert store.since(0, names={"quiet"}) == ([quiet], 6, 0)
+    assert store.since(0, names={"flood"})[2] == 3
+    for _ in range(3):
+        store.append("flood", "stdout", 1, b"x" * 1000)
+    assert store.since(0, names={"quiet"})[2] == 6  # quiet's chunk was dropped too
+
+
+@pytest.mark.anyio
+async def test_wait_beyond_some_names_sleeps_through_the_others_output() -> None:
+    store = LogStore()
+    woke: list[bool] = []
+
+    async def waiter() -> None:
+        woke.append(await store.wait_beyond(0, timeout=30, names={"probed"}))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        for _ in range(100):
+            store.append("flood", "stdout", 1, b"x")
+        await anyio.wait_all_tasks_blocked()
+        assert woke == []
+        store.append("probed", "stdout", 2, b"ready\n")
+    assert woke == [True]
+    assert await store.wait_beyond(0, timeout=0.05, names=set()) is False

@@ -120,3 +120,31 @@ async def test_output_nobody_consumes_stays_in_the_agent_and_a_later_log_probe_s
         assert received.bytes["probed"] >= len("loading\nready now\n")
         assert backend.pumped.bytes == received.bytes["probed"]
         assert await agent_bytes_sent(backend) == backend.pumped.bytes
+
+
+async def test_the_hub_names_the_units_it_has_consumers_for_and_says_when_that_changes() -> None:
+    hub = OutputHub()
+    seen: list[frozenset[str]] = []
+
+    async def watch() -> None:
+        while True:
+            await hub.changed.wait()
+            seen.append(hub.names())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        await anyio.wait_all_tasks_blocked()
+        probe = hub.subscribe("worker", None)
+        await anyio.wait_all_tasks_blocked()
+        follower = hub.follow("worker", "frontend")
+        await anyio.wait_all_tasks_blocked()
+        probe.close()  # the follower still wants the worker's output: no change
+        await anyio.wait_all_tasks_blocked()
+        follower.close()
+        await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+    assert seen == [
+        frozenset({"worker"}),
+        frozenset({"worker", "frontend"}),
+        frozenset(),
+    ]
