@@ -73,7 +73,7 @@ async def _write(
     raw: bool,
 ) -> None:
     while True:
-        # Read the sequence first: anything appended after it wakes the wait below.
+        # Read the sequence first: anything of its unit appended after it wakes the wait below.
         seen = store.last_seq
         wrote = False
         for stream, position in positions.items():
@@ -88,7 +88,7 @@ async def _write(
             await _send(client, encode_event(request_id, event))
             wrote = True
         if not wrote:
-            await store.wait_beyond(seen, timeout=3600.0)
+            await store.wait_beyond(seen, timeout=3600.0, names=(name,))
 
 
 async def _send(client: socket.socket, data: bytes) -> None:
