@@ -130,15 +130,20 @@ class Bench:
     def wait_result(
         self, result: Path, daemon: psutil.Process, agent: psutil.Process | None = None
     ) -> tuple[int, float, float | None]:
-        """Wait for the child's count; the daemon's highest RSS and its CPU share
-        meanwhile, and the agent process's CPU share when there is one."""
+        """Wait for the child's count; the highest RSS of the daemon and its agent
+        process together, the daemon's CPU share meanwhile, and the agent
+        process's CPU share when there is one."""
         cpu_before = cpu_seconds(daemon)
         agent_before = cpu_seconds(agent) if agent is not None else 0.0
         started = time.monotonic()
-        rss_max = daemon.memory_info().rss
+
+        def rss() -> int:
+            return sum(p.memory_info().rss for p in (daemon, agent) if p is not None)
+
+        rss_max = rss()
         deadline = started + self.seconds + 60
         while not result.exists():
-            rss_max = max(rss_max, daemon.memory_info().rss)
+            rss_max = max(rss_max, rss())
             if time.monotonic() > deadline:
                 raise SystemExit("the flood did not finish")
             time.sleep(0.1)  # sampling RSS; bounded by the deadline
@@ -417,7 +422,7 @@ def print_table(mode: str, rows: dict[str, Row]) -> None:
     )
     print(
         "| sink | MB/s | share of /dev/null | min-max MB/s | daemon CPU | agent CPU"
-        " | daemon RSS max | notes |"
+        " | RSS max (daemon + agent) | notes |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():

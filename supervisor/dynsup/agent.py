@@ -44,7 +44,7 @@ from .lineage import SAMPLE_INTERVAL, Known, Lineage
 from .logs import LogStore
 from .logs.follow import follow_rings
 from .logs.journald import JournalSettings, UnitOutputForwarder
-from .logs.pump import PipeReader
+from .logs.pump import READ_SIZE, PipeReader
 from .process import TOKEN_VAR, ProcessGroup, become_subreaper
 from .signals import parse_signal
 from .warden import Warden
@@ -112,14 +112,17 @@ class LocalAgent:
         env: Mapping[str, str] | None = None,
         cgroups: bool | None = None,
         warden: Warden | None = None,
+        read_size: int = READ_SIZE,
     ) -> None:
         """``env``: added to every child's environment (a warden's mark).
+        ``read_size``: the most one read of a pipe takes (`PipeReader`).
 
         ``cgroups``: one cgroup v2 per process group where the kernel allows
         (None: unless ``DYNSUP_CGROUPS=0``); False forces the process-group mode.
         ``warden``: told the agent's cgroup and the escapees it sees.
         """
         self.node = node or socket.gethostname()
+        self._read_size = read_size
         self._env = dict(env or {})
         self.logs = LogStore(capacity=log_capacity)
         self._hosted: dict[str, _Hosted] = {}
@@ -152,7 +155,7 @@ class LocalAgent:
             if self._warden is not None:
                 self._warden.guard_cgroup(str(self.cgroups.root))
         self._lineage = Lineage(TOKEN_VAR, cgroup_root=mount_root)
-        self._pipes = PipeReader()
+        self._pipes = PipeReader(self._read_size)
         self._leaders = LeaderWatch()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()

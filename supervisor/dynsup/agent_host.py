@@ -52,6 +52,8 @@ from .agent_wire import (
 from .broadcast import Pulse
 from .control.peercred import peer_credentials
 from .logs import configure_logging
+from .logs.pump import BIG_READ_SIZE
+from .malloc import fix_mmap_threshold
 from .warden import MARK_VAR, Warden
 
 log = structlog.get_logger("dynsup.agent_host")
@@ -298,7 +300,9 @@ async def serve(path: Path, orphan_timeout: float) -> None:
     lock_fd = take_lock(path)
     warden = Warden(f"agent/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}")
     try:
-        async with LocalAgent(env={MARK_VAR: warden.mark}, warden=warden) as agent:
+        async with LocalAgent(
+            env={MARK_VAR: warden.mark}, warden=warden, read_size=BIG_READ_SIZE
+        ) as agent:
             host = AgentHost(agent, orphan_timeout)
             # Mode 0600 is set before listen(): nobody else can ever connect.
             listener = await anyio.create_unix_listener(path, mode=0o600)
@@ -348,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", default="json")
     args = parser.parse_args(argv)
     configure_logging(args.log_format)
+    # Each read from the heap, and reused (malloc.py).
+    fix_mmap_threshold(2 * BIG_READ_SIZE, trim=8 * BIG_READ_SIZE)
     anyio.run(serve, args.socket, args.orphan_timeout)
     return 0
 

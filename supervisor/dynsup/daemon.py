@@ -15,8 +15,6 @@ or a unit file is invalid (nothing is started then).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import hashlib
 import os
 import signal
@@ -59,14 +57,13 @@ from .logs import (
     UnitOutputForwarder,
     configure_logging,
 )
+from .malloc import fix_mmap_threshold
 from .plan import check_units
 from .resources import ResourceMonitor
 from .sdnotify import Notifier
 from .statefile import DesiredState
 from .units import UnitErrors, load_units
 from .units.spec import ServiceSpec
-
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 log = structlog.get_logger("dynsup.daemon")
 
@@ -503,21 +500,6 @@ class Daemon:
             )
 
 
-def fixed_mmap_threshold() -> None:
-    """Keep glibc's malloc from raising its mmap threshold as it goes.
-
-    Unit output arrives in chunks of up to 256 KiB. glibc serves the first
-    ones with mmap, then (after freeing one) raises the threshold and takes
-    them from the heap, where chunks of different lifetimes interleave: under
-    a log flood the daemon's RSS grew to 200+ MiB and stayed. With the
-    threshold fixed at its default, big buffers are mapped and unmapped
-    whole and the RSS stays near 45 MiB.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        libc = ctypes.CDLL(None)  # this process's own symbols: no ldconfig lookup
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-
-
 def survive_signals_until_watched() -> None:
     """Until the event loop watches them, SIGHUP and the ignored signals do nothing.
 
@@ -530,7 +512,7 @@ def survive_signals_until_watched() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     survive_signals_until_watched()
-    fixed_mmap_threshold()
+    fix_mmap_threshold(128 * 1024)  # see malloc.py
     args = parse_args(argv)
     try:
         settings = resolve_settings(args)

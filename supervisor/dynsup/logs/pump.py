@@ -15,9 +15,11 @@ meanwhile, and the 1 MiB pipe leaves the child room to go on). After a
 quiet spell the first line is read the moment it comes; the pause is at
 most `MAX_PAUSE`, what a `tail -f` or a log probe may lag behind a child.
 
-Reads stay just under 128 KiB, the daemon's malloc mmap threshold: a
-bigger chunk is a fresh mmap whose pages fault in on every read, which
-cost three times the CPU of the rest of the path (bench/README.md).
+In the daemon (the in-process agent) reads stay just under 128 KiB, the
+daemon's malloc mmap threshold: a bigger chunk is a fresh mmap whose pages
+fault in on every read, which cost three times the CPU of the rest of the
+path (bench/README.md). The agent process raises its own threshold above
+`BIG_READ_SIZE` and reads four times as much at once.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ import anyio
 import structlog
 
 READ_SIZE = 120 * 1024
+# In a process of its own (the agent process, a Ray agent), whose malloc takes
+# reads of this size from its heap and reuses them: a quarter as many reads,
+# and the per-read Python work was most of the agent's CPU under a flood.
+BIG_READ_SIZE = 480 * 1024
 MAX_PAUSE = 0.01
 _DEFAULT_PIPE = 64 * 1024  # Linux's, should F_GETPIPE_SZ fail
 
@@ -71,7 +77,9 @@ class PipeReader:
     """Drains many non-blocking pipes until EOF from one task (`run`), handing
     each read to the pipe's ``deliver``; closes each pipe at its EOF."""
 
-    def __init__(self) -> None:
+    def __init__(self, read_size: int = READ_SIZE) -> None:
+        """``read_size``: the most one read takes (and at most half a pipe)."""
+        self.read_size = read_size
         self._epoll = select.epoll()
         self._pipes: dict[int, _Pipe] = {}
 
@@ -87,7 +95,7 @@ class PipeReader:
         Sync, so that nothing a child prints can come before its pipe is watched.
         """
         # Half the pipe at most: the child keeps room to write during a pause.
-        self._pipes[fd] = _Pipe(deliver, closed, min(READ_SIZE, pipe_size(fd) // 2))
+        self._pipes[fd] = _Pipe(deliver, closed, min(self.read_size, pipe_size(fd) // 2))
         self._epoll.register(fd, select.EPOLLIN)
 
     def __len__(self) -> int:
