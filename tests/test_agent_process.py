@@ -30,6 +30,7 @@ TICKER = py_command("""
         print("tick", i, flush=True)
         time.sleep(0.05)
 """)
+REPO = Path(__file__).resolve().parent.parent
 PROCESS = {"DYNSUP_AGENT": "process"}  # the default; pinned against the environment
 
 
@@ -203,3 +204,61 @@ def test_an_agent_process_that_dies_is_started_again_and_the_units_come_back(
         # The agent asked to go is not started again.
         assert not alive(restarted["pid"])
         assert [e.get("event") for e in daemon.events()].count("agent.started") == 2
+
+
+# The last release whose agent speaks wire protocol 1 (main before issue 12's
+# output path): the previous build's agent processes on users' boxes.
+PROTOCOL_1 = "6dc6a3b"
+
+
+def test_a_daemon_upgrade_adopts_the_older_agent_process_and_its_units(tmp_path: Path) -> None:
+    """The previous build's daemon and agent (its own code, from git), detached;
+    this build's daemon adopts that agent's units, pids and all, and uses
+    the agent within what it knows (it relays tail -f); an orderly stop then
+    stops the old agent too."""
+    old = tmp_path / "old"
+    old.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", PROTOCOL_1, "supervisor"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"no git history to take the previous build from: {archive.stderr!r}")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    units = tmp_path / "units"
+    write_units(units)
+    previous = {**PROCESS, "PYTHONPATH": str(old / "supervisor")}
+    with run_dynsupd(tmp_path, units, env=previous) as first:
+        first.wait_state("top", "RUNNING")
+        before = pids(first)
+        agent = agent_pid(first)
+        # The previous build's agent: its code, its wire protocol.
+        assert psutil.Process(agent).environ().get("PYTHONPATH") == str(old / "supervisor")
+        done = first.ctl("shutdown", "--detach")
+        assert done.returncode == 0, done.stderr
+        assert first.proc.wait(60) == 0
+
+    (tmp_path / "dynsupd.log").rename(tmp_path / "first.log")
+    with run_dynsupd(tmp_path, units, env=PROCESS) as second:
+        assert agent_pid(second) == agent  # found, not replaced
+        second.wait_event(lambda e: e.get("event") == "agent.older" and e["protocol"] == 1)
+        second.wait_state("top", "RUNNING")
+        assert pids(second) == before  # adopted: no unit restarted by the upgrade
+        # Its output still reaches tail -f, relayed by the daemon.
+        tail = subprocess.Popen(
+            [DYNSUPCTL, "--socket", str(second.socket), "tail", "-f", "top"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert tail.stdout is not None
+            assert tail.stdout.readline().startswith("tick ")
+        finally:
+            tail.kill()
+            tail.wait()
+        done = second.ctl("shutdown")
+        assert done.returncode == 0, done.stderr
+        assert second.proc.wait(60) == 0
+        assert not alive(agent)
+        assert not alive(before["base"]) and not alive(before["top"])

@@ -281,6 +281,8 @@ class LocalAgent:
         end = self.logs.end(name, stream)
         return await self.read_log(name, stream, start, end - start)
 
+    serves_followers = True
+
     async def follow(
         self,
         client: socket.socket,

@@ -171,6 +171,11 @@ class ServesFollowers(Protocol):
     """An agent on the daemon's own host, which can write a `tail -f` straight to
     the client's socket from its rings (the daemon relays for the others)."""
 
+    @property
+    def serves_followers(self) -> bool:
+        """Whether `follow` may be called (an older agent process cannot)."""
+        ...
+
     async def follow(
         self,
         client: socket.socket,

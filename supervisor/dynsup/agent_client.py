@@ -41,7 +41,15 @@ from .agent_api import (
     SpawnError,
     SpawnRequest,
 )
-from .agent_wire import CANCEL, FOLLOW, PROTOCOL, FrameError, FrameReader, send_frame
+from .agent_wire import (
+    CANCEL,
+    FOLLOW,
+    OLDEST_PROTOCOL,
+    PROTOCOL,
+    FrameError,
+    FrameReader,
+    send_frame,
+)
 from .logs.journald import JournalSettings
 
 log = structlog.get_logger("dynsup.agent_client")
@@ -140,6 +148,15 @@ class AgentClient:
             raise pending.value
         return pending.value
 
+    @property
+    def protocol(self) -> int:
+        """The wire protocol of the agent process connected now."""
+        return int(self.info.get("protocol", PROTOCOL))
+
+    @property
+    def serves_followers(self) -> bool:
+        return self.protocol >= 2
+
     async def aclose(self) -> None:
         await self._stream.aclose()
 
@@ -202,6 +219,8 @@ class AgentClient:
     async def next_chunks(
         self, cursor: int, timeout: float, names: Collection[str] | None = None
     ) -> ChunkBatch:
+        if self.protocol < 2:  # it sends everything; the hub drops what nobody wants
+            return await self.call("next_chunks", cursor, timeout)  # type: ignore[no-any-return]
         names = None if names is None else frozenset(names)
         return await self.call("next_chunks", cursor, timeout, names)  # type: ignore[no-any-return]
 
@@ -212,7 +231,10 @@ class AgentClient:
 
     async def use_journal(self, settings: JournalSettings | None) -> bool:
         """The agent forwards its units' output to journald with these settings
-        (and the agent started after this one dies, too)."""
+        (and the agent started after this one dies, too). False from an agent
+        that cannot: the daemon forwards that agent's output itself."""
+        if self.protocol < 2:
+            return False
         self.journal = settings
         return await self.call("use_journal", settings)  # type: ignore[no-any-return]
 
@@ -303,7 +325,7 @@ async def open_agent_process(
     async with anyio.create_task_group() as tg:
         client = await _connect(path, tg)
         found = client is not None
-        if client is not None and client.info.get("protocol") != PROTOCOL:
+        if client is not None and not OLDEST_PROTOCOL <= client.protocol <= PROTOCOL:
             # Another dynsup's agent that speaks another wire: it cannot be
             # adopted from, so it stops its units like an orderly stop would.
             log.warning("agent.replaced", found=client.info, protocol=PROTOCOL)
@@ -316,6 +338,12 @@ async def open_agent_process(
                 raise AgentError(f"the agent process started but {path} does not answer")
         else:
             log.info("agent.found", pid=client.info.get("pid"), version=client.info.get("version"))
+            if client.protocol < PROTOCOL:
+                log.warning(
+                    "agent.older",
+                    protocol=client.protocol,
+                    note="adopted as it is; replaced at the next orderly stop",
+                )
         await client.use_journal(journal)
         client.keep = True
         tg.start_soon(keep_agent, client, path, orphan_timeout)

@@ -6,8 +6,9 @@ with SO_PEERCRED on every connection), who could ptrace either end anyway.
 What crosses it is exactly the `Agent` contract's values (frozen
 dataclasses, bytes, `AgentError`s), which already pickle for Ray; a JSON
 codec would have to be kept in step with every one of them. Both ends must
-share those classes: the first call (``hello``) compares `PROTOCOL`, and a
-daemon that finds another one replaces that agent (see `agent_client`).
+share those classes: the first call (``hello``) tells the agent's `PROTOCOL`;
+a daemon uses an agent of `OLDEST_PROTOCOL` or later, within what that
+agent knows, and replaces any other (see `agent_client`).
 
 Frames: 4-byte big-endian length, then a pickled tuple. Requests are
 ``(id, method, args)``; ``(id, CANCEL, ())`` abandons a call; answers are
@@ -31,6 +32,13 @@ from anyio.abc import ByteStream
 
 # 2: next_chunks takes the names the daemon consumes; the agent forwards to journald.
 PROTOCOL = 2
+# The oldest agent a daemon still speaks to, and adopts from, as it is: a
+# daemon upgrade must not restart the units. Protocol 1 knows nothing of
+# output interest (`next_chunks` names), journald in the agent (`use_journal`)
+# or handed-over followers (`FOLLOW`): the daemon pulls everything, forwards
+# to journald and relays `tail -f` itself until that agent is replaced, at
+# the next orderly stop or when it dies.
+OLDEST_PROTOCOL = 1
 CANCEL = "__cancel__"
 # The first byte of a connection that hands over a `tail -f` client: it
 # carries the client's socket (SCM_RIGHTS). A call connection starts with a

@@ -163,6 +163,8 @@ async def open_agent_backend(
     async with open_agent_process(state_dir, orphan_timeout, journal) as (client, found):
         backend = _local_backend(client, start=int(client.info.get("cursor", 0)))
         backend.can_detach = True
+        # An older agent process (OLDEST_PROTOCOL) cannot: the daemon forwards.
+        backend.agent_journals = client.protocol >= 2  # an older agent cannot
         if found:
             backend.adopt = partial(adopt_local, client)
         yield backend

@@ -293,7 +293,9 @@ class Commands:
         streams = STREAMS if stream is None else (stream,)
         # The agent on this host writes the follow from its rings itself: under a
         # flood, relaying it through the daemon cost more than reading the pipes.
-        served = follow and isinstance(self._agent, ServesFollowers)
+        served = (
+            follow and isinstance(self._agent, ServesFollowers) and self._agent.serves_followers
+        )
         # Else follow before reading, so nothing printed in between is lost.
         follower = self._hub.follow(name) if follow and not served else None
         positions: dict[str, int] = {}

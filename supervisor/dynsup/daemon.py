@@ -342,21 +342,22 @@ class Daemon:
         # Bind first: a second daemon must refuse before it touches any unit.
         await server.bind()
         ray = settings.config.ray
-        forwarder = None
         if ray_wanted(ray, self.specs):
             log.info("ray.on", address=ray.address or "embedded")
             backend_context = open_ray_backend(
                 ray, settings.state_dir, instance_name(settings.state_dir)
             )
-            # Remote agents send their output here: the daemon forwards it.
-            if sender is not None:
-                forwarder = UnitOutputForwarder(sender, rate_limit=journal.rate_limit)
         else:
             # The local agent forwards its units' output itself, as it reads it.
             backend_context = open_local_backend(
                 settings.config, settings.state_dir, journal if sender is not None else None
             )
         async with backend_context as backend:
+            forwarder = None
+            if sender is not None and not backend.agent_journals:
+                # Remote agents (or an older agent process) send their output
+                # here: the daemon forwards it.
+                forwarder = UnitOutputForwarder(sender, rate_limit=journal.rate_limit)
             # No up-front GPU check: what a previous daemon left running is
             # adopted first, and a wanted unit that cannot be placed then goes
             # FATAL alone with the placer's reason (asked vs per node).
