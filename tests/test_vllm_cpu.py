@@ -55,15 +55,22 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import psutil
 import pytest
 
 from .daemon_helpers import Dynsupd, free_port, free_port_base, run_dynsupd, write_unit
+from .helpers import running
+from .test_demo_stack import back_event
 
 pytestmark = pytest.mark.vllm
 
@@ -234,36 +241,74 @@ def rss_mib(procs: list[psutil.Process]) -> float:
 
 
 def gone(procs: list[psutil.Process]) -> bool:
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.Error:
-            continue
-    return True
+    return not any(running(proc) for proc in procs)
 
 
-# -- the test ------------------------------------------------------------------------
+def wait_gone(procs: list[psutil.Process], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pace = threading.Event()  # never set: wait() is the pacing
+    while not gone(procs) and time.monotonic() < deadline:
+        pace.wait(0.1)
+    assert gone(procs), [p.pid for p in procs if running(p)]
 
 
-def test_vllm_worker_on_cpu_answers_chat(
-    tmp_path: Path, record_property: Callable[[str, object], None]
-) -> None:
+# -- the stack ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VllmStack:
+    daemon: Dynsupd
+    frontend_port: int
+    worker_ready_s: float  # from the daemon's start
+    stack_ready_s: float
+
+
+@contextmanager
+def vllm_stack(tmp_path: Path) -> Iterator[VllmStack]:
+    """dynsupd with the tiny model's worker and the frontend RUNNING, the model listed."""
     require_vllm()
-    import openai
-
     model_dir = write_model(tmp_path / "model")
     frontend_port = free_port()
     units = write_units(tmp_path / "units", model_dir, frontend_port)
-
     with run_dynsupd(tmp_path, units) as daemon:
         started = time.monotonic()
         assert set(status(daemon)) == {"frontend", WORKER}  # file discovery: no etcd, no NATS
         wait_running(daemon, WORKER, READY_TIMEOUT, fail_fast=True)
         worker_ready_s = time.monotonic() - started
         wait_running(daemon, "frontend", READY_TIMEOUT, fail_fast=False)
-        stack_ready_s = time.monotonic() - started
+        yield VllmStack(daemon, frontend_port, worker_ready_s, time.monotonic() - started)
 
+
+def client(port: int, timeout: float = REQUEST_TIMEOUT):  # type: ignore[no-untyped-def]
+    import openai
+
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=timeout
+    )
+
+
+def ask(api):  # type: ignore[no-untyped-def]
+    """One chat of MAX_TOKENS tokens; the raw response."""
+    return api.chat.completions.with_raw_response.create(
+        model=SERVED,
+        messages=[
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hello world"},
+        ],
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        extra_body={"ignore_eos": True},  # random weights: never stop early
+    )
+
+
+# -- the tests ---------------------------------------------------------------------
+
+
+def test_vllm_worker_on_cpu_answers_chat(
+    tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    with vllm_stack(tmp_path) as stack:
+        daemon = stack.daemon
         units_now = status(daemon)
         assert units_now[WORKER]["state"] == "RUNNING", units_now
         worker_pid = units_now[WORKER]["pid"]
@@ -277,25 +322,11 @@ def test_vllm_worker_on_cpu_answers_chat(
         ready_rss = rss_mib(worker_tree)
 
         with explained(daemon, WORKER, "frontend"):
-            client = openai.OpenAI(
-                base_url=f"http://127.0.0.1:{frontend_port}/v1",
-                api_key="unused",
-                max_retries=0,
-                timeout=REQUEST_TIMEOUT,
-            )
-            listed = {m.id for m in client.models.list().data}
+            api = client(stack.frontend_port)
+            listed = {m.id for m in api.models.list().data}
             assert SERVED in listed, listed
             asked = time.monotonic()
-            raw = client.chat.completions.with_raw_response.create(
-                model=SERVED,
-                messages=[
-                    {"role": "system", "content": "You are terse."},
-                    {"role": "user", "content": "Hello world"},
-                ],
-                max_tokens=MAX_TOKENS,
-                temperature=0.0,
-                extra_body={"ignore_eos": True},  # random weights: never stop early
-            )
+            raw = ask(api)
             answer_s = time.monotonic() - asked
             assert raw.status_code == 200, raw.http_response.text
             chat = raw.parse()
@@ -314,15 +345,12 @@ def test_vllm_worker_on_cpu_answers_chat(
         stop = daemon.ctl("stop", "all", timeout=180)
         assert stop.returncode == 0, stop.stdout + stop.stderr
         assert {u["state"] for u in status(daemon).values()} == {"STOPPED"}
-        deadline = time.monotonic() + 10
-        while not gone(worker_tree) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the group was emptied; the kernel reaps the last ones
-        assert gone(worker_tree), [p.pid for p in worker_tree if p.is_running()]
+        wait_gone(worker_tree, 10)  # the group was emptied; the kernel reaps the last ones
         assert daemon.stop(timeout=120) == 0
 
     timings = {
-        "worker_ready_s": round(worker_ready_s, 1),
-        "stack_ready_s": round(stack_ready_s, 1),
+        "worker_ready_s": round(stack.worker_ready_s, 1),
+        "stack_ready_s": round(stack.stack_ready_s, 1),
         "first_chat_s": round(answer_s, 2),
         "worker_tree_rss_mib_ready": round(ready_rss),
         "worker_tree_rss_mib_after_chat": round(served_rss),
@@ -331,3 +359,202 @@ def test_vllm_worker_on_cpu_answers_chat(
     for key, value in timings.items():
         record_property(key, value)
     print(f"\nvLLM CPU stack: {json.dumps(timings)}")
+
+
+# -- kill -9 under load ------------------------------------------------------------
+
+RATE = 2.0  # chats a second: "a few", which two busy cores answer without queueing
+CHAT_TIMEOUT = 60.0  # a chat to a wedged worker fails by this timeout
+LISTING_LAG = 1.0  # s: a request routed just before the frontend's /health was read again
+
+
+@dataclass(frozen=True)
+class Outcome:
+    sent: float  # wall clock (time.time()), comparable with the daemon's event timestamps
+    ended: float
+    error: str  # "" when the chat succeeded
+
+
+class ChatLoad:
+    """RATE chats a second, each in its own thread (a hung one holds up no other);
+    every request's send time, end time and outcome."""
+
+    def __init__(self, port: int) -> None:
+        self.api = client(port, timeout=CHAT_TIMEOUT)
+        self.outcomes: list[Outcome] = []
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def chat(self) -> None:
+        sent = time.time()
+        try:
+            raw = ask(self.api)
+            error = "" if raw.status_code == 200 else f"HTTP {raw.status_code}"
+        except Exception as exc:  # any failure: refused, 404/500/503, timeout
+            error = f"{type(exc).__name__}: {str(exc)[:120]}"
+        self.outcomes.append(Outcome(sent, time.time(), error))
+
+    def pace(self) -> None:
+        while not self.stop.is_set():
+            thread = threading.Thread(target=self.chat, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+            self.stop.wait(1 / RATE)
+
+    def ok_since(self, since: float) -> int:
+        return len([o for o in list(self.outcomes) if o.sent >= since and not o.error])
+
+    def __enter__(self) -> ChatLoad:
+        pacer = threading.Thread(target=self.pace, daemon=True)
+        pacer.start()
+        self.threads.append(pacer)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in list(self.threads):
+            thread.join(CHAT_TIMEOUT + 10)
+
+
+class FrontendView:
+    """What the frontend's /health lists, read every 0.1 s: (wall clock, instance ids)."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/health"
+        self.seen: list[tuple[float, frozenset[int]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+
+    def watch(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as answer:
+                    body = json.loads(answer.read())
+                ids = frozenset(
+                    i["instance_id"]
+                    for i in body.get("instances") or []
+                    if i.get("endpoint") == "generate"
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                ids = frozenset()  # no answer, or none listed: routes to nothing
+            self.seen.append((time.time(), ids))
+            self.stop.wait(0.1)
+
+    def listed_now(self) -> frozenset[int]:
+        return self.seen[-1][1] if self.seen else frozenset()
+
+    def first(self, since: float, predicate: Callable[[frozenset[int]], bool]) -> float | None:
+        return next((at for at, ids in list(self.seen) if at >= since and predicate(ids)), None)
+
+    def __enter__(self) -> FrontendView:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    pace = threading.Event()  # never set: wait() is the pacing
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        pace.wait(0.1)
+
+
+def event_time(event: dict) -> float:
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def engine_core(procs: list[psutil.Process]) -> psutil.Process:
+    """vLLM's EngineCore: the child whose title setproctitle made "VLLM::EngineCore"."""
+    found = [p for p in procs if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    assert len(found) == 1, [(p.pid, p.name(), p.cmdline()) for p in procs]
+    return found[0]
+
+
+@pytest.mark.parametrize("victim", ["leader", "engine_core"])
+def test_kill_9_of_a_vllm_worker_under_load_fails_requests_only_while_no_replica_exists(
+    tmp_path: Path, victim: str, record_property: Callable[[str, object], None]
+) -> None:
+    """kill -9 of the worker's leader, or of its EngineCore only, under RATE chats a
+    second: dynsup restarts the worker (new pid, the old tree gone); the only failed
+    chats are the ones in flight at the kill or sent before the new replica was
+    listed by the frontend (one replica: none exists in between)."""
+    with vllm_stack(tmp_path) as stack:
+        daemon = stack.daemon
+        with explained(daemon, WORKER, "frontend"):
+            leader = status(daemon)[WORKER]["pid"]
+            old_tree = tree(leader)
+            target = leader if victim == "leader" else engine_core(old_tree).pid
+            with FrontendView(stack.frontend_port) as view, ChatLoad(stack.frontend_port) as load:
+                warm = time.time()
+                wait_until(lambda: load.ok_since(warm) >= 5 and view.listed_now(), 120, "serving")
+                old_ids = view.listed_now()
+                since = len(daemon.events())
+                killed = time.time()
+                os.kill(target, signal.SIGKILL)
+                back = daemon.wait_event(lambda e: back_event(e, WORKER, leader), READY_TIMEOUT)
+                # Torn down before the restart: the leader, EngineCore and the rest.
+                assert gone(old_tree), [p.pid for p in old_tree if running(p)]
+                wait_until(
+                    lambda: view.listed_now() - old_ids, READY_TIMEOUT, "the new replica listed"
+                )
+                listed = view.first(killed, lambda ids: bool(ids - old_ids))
+                assert listed is not None
+                serving = listed + LISTING_LAG
+                wait_until(lambda: load.ok_since(serving) >= 10, 120, "serving again")
+            events = daemon.events()[since:]
+
+            new_pid = int(back["pid"])
+            now = status(daemon)[WORKER]
+            assert now["state"] == "RUNNING" and now["pid"] == new_pid != leader, now
+            assert now["restarts"] >= 1, now
+            # How the old run ended, as dynsup saw it: the first state change after the kill.
+            ended = next(
+                e for e in events if e.get("event") == "unit.state" and e.get("unit") == WORKER
+            )
+            # None when the worker deregistered itself before it exited (nothing left to withdraw).
+            withdrawn = next(
+                (
+                    e
+                    for e in events
+                    if e.get("event") == "dynamo.withdrawn" and e.get("unit") == WORKER
+                ),
+                None,
+            )
+            unlisted = view.first(killed, lambda ids: not ids & old_ids)
+            assert unlisted is not None
+
+            outcomes = sorted(load.outcomes, key=lambda o: o.sent)
+            failed = [o for o in outcomes if o.error]
+            in_flight = [o for o in failed if o.sent < killed]
+            figures = {
+                "victim": victim,
+                "detected_s": round(event_time(ended) - killed, 2),  # kill → dynsup saw the exit
+                "withdrawn_s": withdrawn and round(event_time(withdrawn) - killed, 2),
+                "unlisted_s": round(unlisted - killed, 2),  # kill → frontend lists it no more
+                "running_s": round(event_time(back) - killed, 1),
+                "listed_s": round(listed - killed, 1),  # kill → frontend lists the new one
+                "failed": len(failed),
+                "in_flight_failed": len(in_flight),
+                "sent": len(outcomes),
+                "failed_window_s": failed
+                and round(max(o.ended for o in failed) - min(o.sent for o in failed), 1),
+                "ended_as": f"{ended['new']}: {ended.get('reason')}",
+            }
+            print(f"\nkill -9 {victim}: {json.dumps(figures)}")
+            for key, value in figures.items():
+                record_property(key, value)
+            errors = "\n".join(f"{o.sent - killed:+.2f}s {o.error}" for o in failed)
+            # Nothing failed before the kill; what failed was in flight at the kill or
+            # sent while no replica existed (the frontend listing none or the dead one).
+            for outcome in failed:
+                assert outcome.ended >= killed, errors
+                assert outcome.sent <= serving, errors
+            assert all(not o.error for o in outcomes if o.sent > serving), errors
+
+        new_tree = tree(new_pid)
+        assert daemon.stop(timeout=180) == 0
+    wait_gone(old_tree + new_tree, 10)
