@@ -59,6 +59,7 @@ import signal
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -538,6 +539,7 @@ def test_kill_9_of_a_vllm_worker_under_load_fails_requests_only_while_no_replica
                 "running_s": round(event_time(back) - killed, 1),
                 "listed_s": round(listed - killed, 1),  # kill → frontend lists the new one
                 "failed": len(failed),
+                "failed_as": dict(Counter(o.error.split(":")[0] for o in failed)),
                 "in_flight_failed": len(in_flight),
                 "sent": len(outcomes),
                 "failed_window_s": failed
