@@ -69,6 +69,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from dynsup.dynamo.withdraw import advertised_address
+
 from .daemon_helpers import Dynsupd, free_port, free_port_base, run_dynsupd, write_unit
 from .helpers import running
 from .test_demo_stack import back_event
@@ -140,7 +142,7 @@ def write_model(directory: Path) -> Path:
     return directory
 
 
-def write_units(directory: Path, model_dir: Path, frontend_port: int) -> Path:
+def write_units(directory: Path, model_dir: Path, frontend_port: int, replicas: int = 1) -> Path:
     write_unit(
         directory,
         "stack",
@@ -150,7 +152,7 @@ def write_units(directory: Path, model_dir: Path, frontend_port: int) -> Path:
         discovery = "file"
         router_mode = "round-robin"
         frontend_port = {frontend_port}
-        port_base = {free_port_base(UNIT, [("agg", 1)])}
+        port_base = {free_port_base(UNIT, [("agg", replicas)])}
         [dynamo.environment]  # added to every process of the stack
         HF_HUB_OFFLINE = "1"
         TRANSFORMERS_OFFLINE = "1"
@@ -168,7 +170,7 @@ def write_units(directory: Path, model_dir: Path, frontend_port: int) -> Path:
         name = "{SERVED}"
         path = "{model_dir}"
         engine = "vllm"
-        replicas = 1
+        replicas = {replicas}
         gpus = 0  # vLLM's CPU build: no GPU to reserve (so no Ray either)
         [model.engine_args]
         load_format = "dummy"  # random weights: config.json is all vLLM reads
@@ -265,16 +267,18 @@ class VllmStack:
 
 
 @contextmanager
-def vllm_stack(tmp_path: Path) -> Iterator[VllmStack]:
-    """dynsupd with the tiny model's worker and the frontend RUNNING, the model listed."""
+def vllm_stack(tmp_path: Path, replicas: int = 1) -> Iterator[VllmStack]:
+    """dynsupd with the tiny model's workers and the frontend RUNNING."""
     require_vllm()
     model_dir = write_model(tmp_path / "model")
     frontend_port = free_port()
-    units = write_units(tmp_path / "units", model_dir, frontend_port)
+    units = write_units(tmp_path / "units", model_dir, frontend_port, replicas)
+    workers = [f"{UNIT}-{replica}" for replica in range(replicas)]
     with run_dynsupd(tmp_path, units) as daemon:
         started = time.monotonic()
-        assert set(status(daemon)) == {"frontend", WORKER}  # file discovery: no etcd, no NATS
-        wait_running(daemon, WORKER, READY_TIMEOUT, fail_fast=True)
+        assert set(status(daemon)) == {"frontend", *workers}  # file discovery: no etcd, no NATS
+        for worker in workers:
+            wait_running(daemon, worker, READY_TIMEOUT, fail_fast=True)
         worker_ready_s = time.monotonic() - started
         wait_running(daemon, "frontend", READY_TIMEOUT, fail_fast=False)
         yield VllmStack(daemon, frontend_port, worker_ready_s, time.monotonic() - started)
@@ -417,12 +421,39 @@ class ChatLoad:
             thread.join(CHAT_TIMEOUT + 10)
 
 
+Listing = frozenset[tuple[int, int]]  # (instance id, request-plane port) of each generate endpoint
+
+
+def generate_instances(health: object) -> Listing:
+    """The generate endpoints a frontend's /health lists (so routes to)."""
+    found = set()
+    instances = health.get("instances") if isinstance(health, dict) else None
+    for instance in instances or []:
+        address = advertised_address(instance)
+        if address and instance.get("endpoint") == "generate":
+            found.add((instance.get("instance_id"), address[1]))
+    return frozenset(found)
+
+
+def ids(listing: Listing) -> set[int]:
+    return {instance for instance, _port in listing}
+
+
+def listening_ports(procs: list[psutil.Process]) -> set[int]:
+    ports = set()
+    for proc in procs:
+        for conn in proc.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN:
+                ports.add(conn.laddr.port)
+    return ports
+
+
 class FrontendView:
-    """What the frontend's /health lists, read every 0.1 s: (wall clock, instance ids)."""
+    """What the frontend's /health lists, read every 0.1 s: (wall clock, listing)."""
 
     def __init__(self, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}/health"
-        self.seen: list[tuple[float, frozenset[int]]] = []
+        self.seen: list[tuple[float, Listing]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.watch, daemon=True)
 
@@ -431,21 +462,17 @@ class FrontendView:
             try:
                 with urllib.request.urlopen(self.url, timeout=2) as answer:
                     body = json.loads(answer.read())
-                ids = frozenset(
-                    i["instance_id"]
-                    for i in body.get("instances") or []
-                    if i.get("endpoint") == "generate"
-                )
-            except (OSError, ValueError, KeyError, TypeError):
-                ids = frozenset()  # no answer, or none listed: routes to nothing
-            self.seen.append((time.time(), ids))
+                listed = generate_instances(body)
+            except (OSError, ValueError):
+                listed = frozenset()  # no answer: routes to nothing
+            self.seen.append((time.time(), listed))
             self.stop.wait(0.1)
 
-    def listed_now(self) -> frozenset[int]:
+    def listed_now(self) -> Listing:
         return self.seen[-1][1] if self.seen else frozenset()
 
-    def first(self, since: float, predicate: Callable[[frozenset[int]], bool]) -> float | None:
-        return next((at for at, ids in list(self.seen) if at >= since and predicate(ids)), None)
+    def first(self, since: float, predicate: Callable[[Listing], bool]) -> float | None:
+        return next((at for at, seen in list(self.seen) if at >= since and predicate(seen)), None)
 
     def __enter__(self) -> FrontendView:
         self.thread.start()
@@ -475,24 +502,33 @@ def engine_core(procs: list[psutil.Process]) -> psutil.Process:
     return found[0]
 
 
+@pytest.mark.parametrize("replicas", [1, 2], ids=["one-replica", "two-replicas"])
 @pytest.mark.parametrize("victim", ["leader", "engine_core"])
 def test_kill_9_of_a_vllm_worker_under_load_fails_requests_only_while_no_replica_exists(
-    tmp_path: Path, victim: str, record_property: Callable[[str, object], None]
+    tmp_path: Path, victim: str, replicas: int, record_property: Callable[[str, object], None]
 ) -> None:
-    """kill -9 of the worker's leader, or of its EngineCore only, under RATE chats a
-    second: dynsup restarts the worker (new pid, the old tree gone); the only failed
-    chats are the ones in flight at the kill or sent before the new replica was
-    listed by the frontend (one replica: none exists in between)."""
-    with vllm_stack(tmp_path) as stack:
+    """kill -9 of a worker's leader, or of its EngineCore only, under RATE chats a
+    second: dynsup restarts that worker (new pid, its old tree gone, the other replica
+    untouched); the only failed chats are the ones that ended after the kill and were
+    sent before the frontend listed a live replica and no dead one. With one replica
+    that is until the new one is listed; with two, until the killed one is unlisted."""
+    with vllm_stack(tmp_path, replicas) as stack:
         daemon = stack.daemon
-        with explained(daemon, WORKER, "frontend"):
-            leader = status(daemon)[WORKER]["pid"]
+        with explained(daemon, *status(daemon)):
+            before = status(daemon)
+            leader = before[WORKER]["pid"]
             old_tree = tree(leader)
             target = leader if victim == "leader" else engine_core(old_tree).pid
+            ports = listening_ports(old_tree)
             with FrontendView(stack.frontend_port) as view, ChatLoad(stack.frontend_port) as load:
                 warm = time.time()
-                wait_until(lambda: load.ok_since(warm) >= 5 and view.listed_now(), 120, "serving")
-                old_ids = view.listed_now()
+                wait_until(
+                    lambda: load.ok_since(warm) >= 5 and len(view.listed_now()) == replicas,
+                    120,
+                    "serving on every replica",
+                )
+                dead = {i for i, port in view.listed_now() if port in ports}
+                assert len(dead) == 1, (view.listed_now(), ports)
                 since = len(daemon.events())
                 killed = time.time()
                 os.kill(target, signal.SIGKILL)
@@ -500,18 +536,29 @@ def test_kill_9_of_a_vllm_worker_under_load_fails_requests_only_while_no_replica
                 # Torn down before the restart: the leader, EngineCore and the rest.
                 assert gone(old_tree), [p.pid for p in old_tree if running(p)]
                 wait_until(
-                    lambda: view.listed_now() - old_ids, READY_TIMEOUT, "the new replica listed"
+                    lambda: (
+                        len(view.listed_now()) == replicas and not ids(view.listed_now()) & dead
+                    ),
+                    READY_TIMEOUT,
+                    "the new replica listed",
                 )
-                listed = view.first(killed, lambda ids: bool(ids - old_ids))
-                assert listed is not None
-                serving = listed + LISTING_LAG
+                unlisted = view.first(killed, lambda listed: not ids(listed) & dead)
+                replaced = view.first(  # the new instance: the same ports, a new id
+                    killed, lambda listed: any(p in ports and i not in dead for i, p in listed)
+                )
+                live = view.first(killed, lambda listed: bool(listed) and not ids(listed) & dead)
+                assert None not in (unlisted, replaced, live)
+                serving = live + LISTING_LAG
                 wait_until(lambda: load.ok_since(serving) >= 10, 120, "serving again")
             events = daemon.events()[since:]
 
             new_pid = int(back["pid"])
-            now = status(daemon)[WORKER]
-            assert now["state"] == "RUNNING" and now["pid"] == new_pid != leader, now
-            assert now["restarts"] >= 1, now
+            after = status(daemon)
+            assert after[WORKER]["state"] == "RUNNING", after[WORKER]
+            assert after[WORKER]["pid"] == new_pid != leader, after[WORKER]
+            assert after[WORKER]["restarts"] >= 1, after[WORKER]
+            for name in set(before) - {WORKER}:  # the frontend, the other replica
+                assert after[name]["pid"] == before[name]["pid"], (name, after[name])
             # How the old run ended, as dynsup saw it: the first state change after the kill.
             ended = next(
                 e for e in events if e.get("event") == "unit.state" and e.get("unit") == WORKER
@@ -525,33 +572,35 @@ def test_kill_9_of_a_vllm_worker_under_load_fails_requests_only_while_no_replica
                 ),
                 None,
             )
-            unlisted = view.first(killed, lambda ids: not ids & old_ids)
-            assert unlisted is not None
 
             outcomes = sorted(load.outcomes, key=lambda o: o.sent)
             failed = [o for o in outcomes if o.error]
-            in_flight = [o for o in failed if o.sent < killed]
             figures = {
                 "victim": victim,
+                "replicas": replicas,
                 "detected_s": round(event_time(ended) - killed, 2),  # kill → dynsup saw the exit
                 "withdrawn_s": withdrawn and round(event_time(withdrawn) - killed, 2),
                 "unlisted_s": round(unlisted - killed, 2),  # kill → frontend lists it no more
                 "running_s": round(event_time(back) - killed, 1),
-                "listed_s": round(listed - killed, 1),  # kill → frontend lists the new one
+                "relisted_s": round(replaced - killed, 1),  # kill → frontend lists the new one
+                "no_replica_s": round(live - killed, 2),  # kill → only live replicas listed
                 "failed": len(failed),
                 "failed_as": dict(Counter(o.error.split(":")[0] for o in failed)),
-                "in_flight_failed": len(in_flight),
+                "in_flight_failed": len([o for o in failed if o.sent < killed]),
                 "sent": len(outcomes),
-                "failed_window_s": failed
-                and round(max(o.ended for o in failed) - min(o.sent for o in failed), 1),
+                "failed_window_s": round(
+                    max(o.ended for o in failed) - min(o.sent for o in failed), 1
+                )
+                if failed
+                else 0,
                 "ended_as": f"{ended['new']}: {ended.get('reason')}",
             }
-            print(f"\nkill -9 {victim}: {json.dumps(figures)}")
+            print(f"\nkill -9 {victim}, {replicas} replica(s): {json.dumps(figures)}")
             for key, value in figures.items():
                 record_property(key, value)
             errors = "\n".join(f"{o.sent - killed:+.2f}s {o.error}" for o in failed)
             # Nothing failed before the kill; what failed was in flight at the kill or
-            # sent while no replica existed (the frontend listing none or the dead one).
+            # sent while the frontend listed no live replica, or the dead one.
             for outcome in failed:
                 assert outcome.ended >= killed, errors
                 assert outcome.sent <= serving, errors
