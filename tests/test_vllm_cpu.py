@@ -573,6 +573,13 @@ def test_kill_9_of_a_vllm_worker_under_load_fails_requests_only_while_no_replica
                 None,
             )
 
+            # What the frontend's migration (--migration-limit) did with requests that
+            # reached the dead worker: Dynamo logs each retry on another instance.
+            migrated = [
+                line
+                for line in unit_output(daemon, "frontend", lines=5000).splitlines()
+                if "migrat" in line.lower() and "migration-limit" not in line
+            ]
             outcomes = sorted(load.outcomes, key=lambda o: o.sent)
             failed = [o for o in outcomes if o.error]
             figures = {
@@ -594,8 +601,10 @@ def test_kill_9_of_a_vllm_worker_under_load_fails_requests_only_while_no_replica
                 if failed
                 else 0,
                 "ended_as": f"{ended['new']}: {ended.get('reason')}",
+                "frontend_migration_lines": len(migrated),
             }
             print(f"\nkill -9 {victim}, {replicas} replica(s): {json.dumps(figures)}")
+            print("\n".join(line[:300] for line in migrated[:6]))
             for key, value in figures.items():
                 record_property(key, value)
             errors = "\n".join(f"{o.sent - killed:+.2f}s {o.error}" for o in failed)
