@@ -614,6 +614,10 @@ def test_kill_9_of_a_vllm_worker_under_load_fails_requests_only_while_no_replica
                 assert outcome.ended >= killed, errors
                 assert outcome.sent <= serving, errors
             assert all(not o.error for o in outcomes if o.sent > serving), errors
+            if replicas > 1:
+                # A replica existed throughout: dynsup's withdrawal (and the frontend's
+                # migration) leave nothing to fail but what was in flight at the kill.
+                assert all(o.sent < killed for o in failed), errors
 
         new_tree = tree(new_pid)
         assert daemon.stop(timeout=180) == 0
