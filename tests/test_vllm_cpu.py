@@ -30,15 +30,22 @@ sent before the frontend listed a live replica and no dead one (with one
 replica: until the new one is listed; with two: until the killed one is
 unlisted; 1 s allowed for the watcher's lag); with two replicas only the
 requests in flight at the kill may fail. The windows are printed. Measured
-on the 2-core box (loaded by other work): leader killed, one replica: exit
-seen in 0.14 s, withdrawn 0.14 s, unlisted 0.22 s, new replica listed
-21.7 s after the kill, 43 of 94 requests failed (no replica existed), all
-within those 21 s; EngineCore killed: vLLM's engine monitor ends the
-leader (exit status 1) within 0.7 s and the worker deregisters itself,
-63 of 80 failed (62 x 404 "model not found", 1 x 500), listed again after
-32 s; two replicas: 0 failed of 155 (leader) and of 123 (EngineCore).
-Without dynsup's withdrawal (checked by disabling it), two replicas lose
-7 of 120 requests (500) until the dead record expires about 8 s later.
+on the 2-core box, loaded by other work (the five tests: 6 min):
+
+* leader, one replica: exit seen 0.14 s after the kill, records withdrawn
+  0.15 s, unlisted by the frontend 0.24 s, the new replica listed 21.9 s;
+  43 of 61 requests failed (404: no replica), all in those 21.9 s.
+* EngineCore, one replica: vLLM's engine monitor ends the leader (exit
+  status 1) 0.62 s after the kill and the worker deregisters itself
+  (unlisted 0.46 s; nothing left to withdraw); listed again at 22.2 s;
+  44 of 63 failed: 43 x 404, and 1 x 500, a request the dying worker cut,
+  which the frontend's migration could not move (no other worker).
+  Liveness was not needed: the exit comes first.
+* two replicas: 0 of 109 failed (leader; unlisted at 0.23 s) and 0 of 105
+  (EngineCore; 0.43 s); the replacement listed about 50 s later.
+
+Without dynsup's withdrawal (checked by disabling it), two replicas lost
+7 of 120 requests (500) until the dead record expired about 8 s later.
 
 dynsupd runs the workers with its own interpreter, so run pytest from the
 environment that has vLLM. The recipe checked on a 2-core AVX2 box with no
