@@ -49,7 +49,7 @@ Without dynsup's withdrawal (checked by disabling it), two replicas lost
 
 dynsupd runs the workers with its own interpreter, so run pytest from the
 environment that has vLLM. The recipe checked on a 2-core AVX2 box with no
-GPU (Python 3.11; about 7 GB of disk; the worker ready in 60-80 s, its
+GPU (Python 3.11; about 7 GB of disk; the worker ready in 25-80 s, its
 process tree, vLLM's EngineCore and Worker included, about 4.4 GB RSS).
 Dynamo 1.4.2, not the default 1.6.1: 1.6.1's vLLM handlers are written for
 vLLM 0.31 (they pass ``session_id`` to ``AsyncLLM.generate``, which 0.27.1
