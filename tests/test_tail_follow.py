@@ -145,3 +145,38 @@ def test_a_daemon_that_stops_ends_the_follow(tmp_path: Path, mode: str) -> None:
             follower.proc.wait(30)
         finally:
             follower.close()
+
+
+BOTH_STREAMS = py_command("""
+    import sys, time
+    for n in range(1_000_000):
+        print("out", n, flush=True)
+        print("err", n, file=sys.stderr, flush=True)
+        time.sleep(0.02)
+""")
+
+
+def test_a_follow_of_both_streams_heads_each_stream_s_text(tmp_path: Path) -> None:
+    """The raw events' bytes go out as printed, each stream's text under its
+    `==> stream <==` header once both have spoken (as `tail` shows the past)."""
+    units = tmp_path / "units"
+    write_unit(units, "ticker", f"[service]\ncommand = {BOTH_STREAMS}\nstop_signal = 'SIGKILL'\n")
+    with run_dynsupd(tmp_path, units) as daemon:
+        daemon.wait_state("ticker", "RUNNING")
+        follower = Follower(daemon)
+        try:
+            follower.wait_for(lambda: bytes(follower.out).count(b"\nerr ") >= 10, "ten err lines")
+        finally:
+            assert follower.close() == 0
+    stream = None
+    seen = {"out": 0, "err": 0}
+    for line in bytes(follower.out).decode().splitlines():
+        if line.startswith("==> "):
+            stream = line.removeprefix("==> ").removesuffix(" <==")
+            continue
+        if stream is None:  # before both have spoken: the first stream's text as is
+            continue
+        kind = line.split()[0]
+        assert (kind, stream) in (("out", "stdout"), ("err", "stderr")), (line, stream)
+        seen[kind] += 1
+    assert seen["out"] >= 5 and seen["err"] >= 5, seen

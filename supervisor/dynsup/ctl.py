@@ -345,14 +345,21 @@ class StreamLabels:
             self.labelled = True  # both at once (the past lines): label from the first
         out = []
         for part in spoken:
-            stream, data = str(part.get("stream")), str(part["data"])
-            if self.last is not None and stream != self.last:
-                self.labelled = True
-            if self.labelled and stream != self.last:
-                out.append(("\n" if self.line_open else "") + f"==> {clean(stream)} <==\n")
+            data = str(part["data"])
+            out.append(self.label(str(part.get("stream")), data.endswith("\n")))
             out.append(data)
-            self.last, self.line_open = stream, not data.endswith("\n")
         return "".join(out)
+
+    def label(self, stream: str, ends_line: bool) -> str:
+        """What goes before a stream's next text (often nothing); ``ends_line``:
+        whether that text ends with a newline."""
+        if self.last is not None and stream != self.last:
+            self.labelled = True
+        text = ""
+        if self.labelled and stream != self.last:
+            text = ("\n" if self.line_open else "") + f"==> {clean(stream)} <==\n"
+        self.last, self.line_open = stream, not ends_line
+        return text
 
 
 def format_error(exc: CommandError) -> Output:
@@ -454,6 +461,12 @@ def show_tail_event(
     prefixer: Prefixer | None = None,
     labels: StreamLabels | None = None,
 ) -> None:
+    raw = event.pop("bytes", None)
+    if raw is not None and not as_json and prefixer is None:
+        write_raw_tail(event, raw, labels)
+        return
+    if raw is not None:
+        event["data"] = raw.decode("utf-8", "replace")
     if as_json:
         print(json.dumps(event), flush=True)
         return
@@ -465,6 +478,21 @@ def show_tail_event(
     sys.stdout.flush()
     if out.err:
         sys.stderr.write(out.err)
+
+
+def write_raw_tail(event: dict[str, Any], data: bytes, labels: StreamLabels | None) -> None:
+    """A raw tail event's bytes to stdout as the unit printed them (no decoding and
+    encoding again: a flood followed costs dynsupctl half the CPU)."""
+    out = sys.stdout
+    stream = event.get("stream")
+    if data:
+        if stream is not None and labels is not None:
+            out.write(labels.label(str(stream), data.endswith(b"\n")))
+        out.flush()
+        out.buffer.write(data)
+        out.buffer.flush()
+    if event.get("missed"):
+        sys.stderr.write(f"dynsupctl: [{event['missed']} bytes missed]\n")
 
 
 class Prefixer:

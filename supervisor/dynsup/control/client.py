@@ -158,9 +158,9 @@ class Client:
                     raise
                 event = message.get("event")
                 if isinstance(event, dict) and isinstance(event.get("size"), int):
-                    # A raw tail event: its bytes follow the line.
-                    data = self._read_exactly(event.pop("size"), timeout)
-                    event["data"] = data.decode("utf-8", "replace")
+                    # A raw tail event: its bytes follow the line; they stay
+                    # bytes (``"bytes"``), to be written out as they are.
+                    event["bytes"] = self._read_exactly(event.pop("size"), timeout)
                 return message
             if len(self._buf) > MAX_REPLY:
                 self.close()

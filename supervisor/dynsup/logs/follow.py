@@ -26,7 +26,7 @@ from .ring import LogStore
 
 # One event carries at most this much of a stream: a ring's worth (1 MiB by
 # default) in a few events, each one send the client reads in one go.
-EVENT_BYTES = 256 * 1024
+EVENT_BYTES = 1 << 20
 # A client that takes nothing for this long is dropped (the daemon's rule).
 SEND_TIMEOUT = 60.0
 
