@@ -227,6 +227,26 @@ def test_update_replaces_a_models_replicas_one_at_a_time(tmp_path: Path) -> None
         assert outcomes and all(outcomes), outcomes
 
 
+def test_an_updated_replica_is_routed_to_before_the_last_old_one_is_drained(
+    tmp_path: Path,
+) -> None:
+    """The 404 of a rolling update: Dynamo's frontend pinned the model's WorkerSet to
+    the first card's checksum and rejected the changed replicas' cards while an old
+    one lived, so "admitted" (listed in /health) was not routed to, and draining
+    the last old replica left the model with no set: "model not found"."""
+    stack = make_stack(tmp_path)
+    with running_stack(tmp_path, stack) as (daemon, _):
+        change_engine_args(stack, "block_size = 32")  # changes the model card's checksum
+        update = daemon.ctl("update", timeout=HEAL_TIMEOUT)
+        assert update.returncode == 0, update.stdout + update.stderr
+        tail = daemon.ctl("tail", "-n", "100000", "frontend", timeout=60)
+        frontend = tail.stdout
+        assert "Adding worker set to model" in frontend, tail.stderr  # the log is read
+        assert "Rejected incompatible workers" not in frontend
+        assert "Removed empty model" not in frontend
+        assert chat_ok(client(stack, timeout=20))
+
+
 def change_engine_args(stack: Stack, extra: str) -> None:
     path = stack.units / "tiny.toml"
     path.write_text(path.read_text().replace("speedup_ratio = 0", f"speedup_ratio = 0, {extra}"))

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -47,6 +48,8 @@ pytestmark = pytest.mark.dynamo
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "units" / "demo" / "model"
 MODEL = "tiny"
+# The generate endpoint's records: the component is the model's slug and revision tag.
+GENERATE = re.compile(r"v1/instances/demo/tiny_[0-9a-f]{6}/generate/")
 START_TIMEOUT = 240.0  # a cold stack on two busy cores: normally 3-5 s
 HEAL_TIMEOUT = 240.0  # a SIGKILLed instance stays in discovery for 10-13 s
 COUNTER = itertools.count()
@@ -409,7 +412,7 @@ def test_records_left_by_an_earlier_run_are_withdrawn_at_start(tmp_path: Path) -
         with running_stack(tmp_path, stack) as (daemon, _units):
             left = {r.key for r in discovery_records(tmp_path, stack)}
             assert not left & set(stale), left
-            assert len([k for k in left if k.startswith("v1/instances/demo/tiny/generate/")]) == 2
+            assert len([k for k in left if GENERATE.match(k)]) == 2
             withdrawn = first_index(daemon.events(), event="dynamo.withdrawn")
             first_start = first_index(daemon.events(), event="unit.state", new="STARTING")
             assert withdrawn < first_start
@@ -436,9 +439,7 @@ def instance_of(records: list[Record], pid: int) -> str:
     [instance] = {
         r.last_segment
         for r in records
-        if r.key.startswith("v1/instances/demo/tiny/generate/")
-        and r.address is not None
-        and r.address[1] in listening
+        if GENERATE.match(r.key) and r.address is not None and r.address[1] in listening
     }
     return instance
 

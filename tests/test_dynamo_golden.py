@@ -17,6 +17,7 @@ whole (ports, replicas, overrides, errors).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import textwrap
 from collections.abc import Callable, Iterator
@@ -286,12 +287,13 @@ def test_golden_units_and_infrastructure(pattern: str, stack: Any) -> None:
 
 # Every port below is pinned: ports come from a hash of the unit name, so that
 # they do not move when models or replicas are added. A change here moves the
-# ports of running stacks.
+# ports of running stacks. The component's tag (`_<6 hex>`) is pinned too: it
+# changes only with what the pool's workers are given (dynamo.expand.revision_tag).
 GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]]] = {
     "agg/qwen-0": (
         (
             "--model", QWEN, "--served-model-name", QWEN,
-            "--endpoint", f"dyn://agg.{QWEN_SLUG}.generate",
+            "--endpoint", f"dyn://agg.{QWEN_SLUG}_00d5be.generate",
             "--discovery-backend", "etcd",
             "--tensor-parallel-size", "1",
             "--kv-events-config", EVENTS_OFF,
@@ -303,7 +305,7 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
     "agg-router/qwen-0": (
         (
             "--model", QWEN, "--served-model-name", QWEN,
-            "--endpoint", f"dyn://agg-router.{QWEN_SLUG}.generate",
+            "--endpoint", f"dyn://agg-router.{QWEN_SLUG}_80cf22.generate",
             "--discovery-backend", "etcd",
             "--tensor-parallel-size", "1",
             "--kv-events-config",
@@ -317,7 +319,7 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
     "agg-router/qwen-1": (
         (
             "--model", QWEN, "--served-model-name", QWEN,
-            "--endpoint", f"dyn://agg-router.{QWEN_SLUG}.generate",
+            "--endpoint", f"dyn://agg-router.{QWEN_SLUG}_80cf22.generate",
             "--discovery-backend", "etcd",
             "--tensor-parallel-size", "1",
             "--kv-events-config",
@@ -331,7 +333,7 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
     "disagg/qwen-prefill-0": (
         (
             "--model", QWEN, "--served-model-name", QWEN,
-            "--endpoint", f"dyn://disagg.{QWEN_SLUG}_prefill.generate",
+            "--endpoint", f"dyn://disagg.{QWEN_SLUG}_prefill_745810.generate",
             "--discovery-backend", "etcd",
             "--disaggregation-mode", "prefill",
             "--tensor-parallel-size", "1",
@@ -350,7 +352,7 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
     "disagg/qwen-decode-0": (
         (
             "--model", QWEN, "--served-model-name", QWEN,
-            "--endpoint", f"dyn://disagg.{QWEN_SLUG}.generate",
+            "--endpoint", f"dyn://disagg.{QWEN_SLUG}_fb6954.generate",
             "--discovery-backend", "etcd",
             "--disaggregation-mode", "decode",
             "--tensor-parallel-size", "1",
@@ -370,7 +372,7 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
         f"disagg-router/qwen-prefill-{i}": (
             (
                 "--model", QWEN, "--served-model-name", QWEN,
-                "--endpoint", f"dyn://disagg-router.{QWEN_SLUG}_prefill.generate",
+                "--endpoint", f"dyn://disagg-router.{QWEN_SLUG}_prefill_800b7c.generate",
                 "--discovery-backend", "etcd",
                 "--disaggregation-mode", "prefill",
                 "--tensor-parallel-size", "1",
@@ -395,7 +397,7 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
     "disagg-router/qwen-decode-0": (
         (
             "--model", QWEN, "--served-model-name", QWEN,
-            "--endpoint", f"dyn://disagg-router.{QWEN_SLUG}.generate",
+            "--endpoint", f"dyn://disagg-router.{QWEN_SLUG}_9fb7e8.generate",
             "--discovery-backend", "etcd",
             "--disaggregation-mode", "decode",
             "--tensor-parallel-size", "1",
@@ -418,7 +420,7 @@ GOLDEN_WORKERS: dict[str, tuple[tuple[str, ...], dict[str, str], tuple[int, ...]
     "multinode-tp/deepseek-0": (
         (
             "--model", DEEPSEEK, "--served-model-name", DEEPSEEK,
-            "--endpoint", "dyn://multinode-tp.deepseek_ai_deepseek_r1.generate",
+            "--endpoint", "dyn://multinode-tp.deepseek_ai_deepseek_r1_c648d8.generate",
             "--discovery-backend", "etcd",
             "--tensor-parallel-size", "16",
             "--kv-events-config", EVENTS_OFF,
@@ -498,7 +500,11 @@ def test_served_model_name(worker: tuple[Worker, Process]) -> None:
 def test_endpoint(worker: tuple[Worker, Process]) -> None:
     expected, spec = worker
     endpoint = value_of(spec.command, "--endpoint")
-    assert endpoint == f"dyn://{expected.namespace}.{expected.component}.generate"
+    # The component carries the pool's revision tag (a changed pool is a new WorkerSet).
+    assert re.fullmatch(
+        rf"dyn://{re.escape(expected.namespace)}\.{expected.component}_[0-9a-f]{{6}}\.generate",
+        endpoint,
+    ), endpoint
 
 
 def test_discovery_backend(worker: tuple[Worker, Process]) -> None:

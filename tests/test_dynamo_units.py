@@ -7,6 +7,8 @@ etcd (file discovery) nor NATS (TCP requests, ZMQ events) nor vLLM.
 
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -64,11 +66,14 @@ def test_the_model_directory_is_in_the_repository() -> None:
 
 @pytest.mark.parametrize("name", ["tiny-0", "tiny-1"])
 def test_worker_argv(specs: dict[str, ServiceSpec], name: str) -> None:
+    # The component's tag digests the model's absolute path: not pinned here.
+    endpoint = value_of(specs[name].command, "--endpoint")
+    assert re.fullmatch(r"dyn://demo\.tiny_[0-9a-f]{6}\.generate", endpoint), endpoint
     assert specs[name].command == (
         PY, "-m", "dynamo.mocker",
         "--model-path", str(DEMO / "model"),
         "--model-name", "tiny",
-        "--endpoint", "dyn://demo.tiny.generate",
+        "--endpoint", endpoint,
         "--discovery-backend", "file",
         "--speedup-ratio", "0",
     )  # fmt: skip
@@ -173,3 +178,30 @@ def test_frontend(specs: dict[str, ServiceSpec]) -> None:
     assert frontend.requires == ()
     assert frontend.ports == (8000,)
     assert frontend.gpus == 0
+
+
+def endpoints_with(tmp_path: Path, tiny: str, replicas: int | None = None) -> set[str]:
+    """The workers' endpoints of the demo directory with tiny.toml's text replaced."""
+    units = tmp_path / "units"
+    shutil.copytree(DEMO, units, ignore=shutil.ignore_patterns("model"))
+    (units / "tiny.toml").write_text(tiny.replace('path = "model"', f'path = "{DEMO / "model"}"'))
+    ctx = StackContext(state_dir=STATE, replicas={"tiny": replicas} if replicas else {})
+    specs = load_units(
+        [units],
+        context={"state_dir": STATE},
+        expand=lambda services, others: expand_stack(services, others, ctx),
+    )
+    return {value_of(s.command, "--endpoint") for n, s in specs.items() if n.startswith("tiny-")}
+
+
+def test_a_changed_pool_registers_under_a_component_of_its_own(tmp_path: Path) -> None:
+    """Dynamo's frontend rejects a model card that differs from its WorkerSet's
+    while one old worker lives; a changed pool must be a set of its own."""
+    text = (DEMO / "tiny.toml").read_text()
+    [before] = endpoints_with(tmp_path / "a", text)
+    [changed] = endpoints_with(
+        tmp_path / "b", text.replace("speedup_ratio = 0", "speedup_ratio = 0, block_size = 32")
+    )
+    [scaled] = endpoints_with(tmp_path / "c", text, replicas=3)
+    assert changed != before
+    assert scaled == before  # where a replica runs (its ports, its count) is not what it is

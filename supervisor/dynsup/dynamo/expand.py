@@ -24,6 +24,7 @@ gets exactly what the stack needs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -106,6 +107,20 @@ def component_slug(model: str) -> str:
     """Dynamo component name for a served model: lower-case letters, digits and '_'."""
     slug = re.sub(r"[^a-z0-9]+", "_", model.lower()).strip("_")
     return slug or "model"
+
+
+def revision_tag(*given: object) -> str:
+    """Six hex digits of what a pool's workers are given (never where: ports, slot).
+
+    Dynamo's frontend pins a WorkerSet (namespace, component, endpoint, role) to
+    the checksum of the first model card it accepts and rejects a card that
+    differs while one of the set lives. A changed worker (its engine args, its
+    model path) registering under the old component is rejected until the last
+    old replica is gone, and then the model has no set at all for a moment:
+    HTTP 404 "model not found". So a worker's component carries this tag: a
+    changed pool registers as a WorkerSet of its own beside the old one.
+    """
+    return hashlib.sha256(repr(given).encode()).hexdigest()[:6]
 
 
 def frontend_name(replica: int) -> str:
@@ -447,7 +462,11 @@ class _Builder:
         tp = model.tensor_parallel_size
         ports = worker_ports(block, role, replica, tp)
         slug = component_slug(model.model)
-        component = f"{slug}_prefill" if role == "prefill" else slug
+        base = f"{slug}_prefill" if role == "prefill" else slug
+        tag = revision_tag(
+            model.engine, model.path, model.model, role, tp, to_flags(args), model.environment
+        )
+        component = f"{base}_{tag}"
         endpoint = f"dyn://{self.stack.namespace}.{component}.generate"
         env = {
             **self.dynamo_env(),
