@@ -10,6 +10,7 @@ generous deadlines; nothing asserts how fast, only the order and the outcome.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import pytest
 from dynsup.dynamo.drain import in_flight
 from dynsup.probes import http_get
 
+from .daemon_helpers import run_dynsupd
 from .test_demo_stack import (
     HEAL_TIMEOUT,
     MODEL,
@@ -35,6 +37,7 @@ from .test_demo_stack import (
     status,
     until_serving,
     wait_back,
+    wait_running,
 )
 
 pytestmark = pytest.mark.dynamo
@@ -169,11 +172,13 @@ def replay_states(events: list[dict], names: list[str], start: dict[str, str]) -
     return seen
 
 
-def test_update_replaces_a_models_replicas_one_at_a_time(tmp_path: Path) -> None:
+def test_update_with_surge_off_replaces_a_models_replicas_one_at_a_time(tmp_path: Path) -> None:
+    """`[model] surge = false`: drain first, each replica on its own slot."""
     stack = make_stack(tmp_path)
+    path = stack.units / "tiny.toml"
+    path.write_text(path.read_text().replace("[model]", "[model]\nsurge = false"))
     with running_stack(tmp_path, stack) as (daemon, units):
         api = client(stack, timeout=20)
-        path = stack.units / "tiny.toml"
         path.write_text(
             path.read_text().replace("speedup_ratio = 0", "speedup_ratio = 0, block_size = 32")
         )
@@ -252,22 +257,126 @@ def change_engine_args(stack: Stack, extra: str) -> None:
     path.write_text(path.read_text().replace("speedup_ratio = 0", f"speedup_ratio = 0, {extra}"))
 
 
-def test_update_names_the_replica_that_cannot_start_and_exits_1(tmp_path: Path) -> None:
+def load_while(api, outcomes: list[bool], done: threading.Event) -> threading.Thread:  # type: ignore[no-untyped-def]
+    """Chat requests one after another (20/s at most) until done is set."""
+
+    def load() -> None:
+        while not done.is_set():
+            outcomes.append(chat_ok(api))
+            done.wait(0.05)
+
+    sender = threading.Thread(target=load)
+    sender.start()
+    return sender
+
+
+def step_index(events: list[dict], unit: str, step: str) -> int:
+    return first_index(events, event="rollout.step", unit=unit, step=step)
+
+
+def test_update_with_surge_starts_each_new_replica_before_an_old_one_leaves(
+    tmp_path: Path,
+) -> None:
     stack = make_stack(tmp_path)
     with running_stack(tmp_path, stack) as (daemon, units):
-        first, second = stack.workers
+        api = client(stack, timeout=20)
+        change_engine_args(stack, "block_size = 32")
+        since = len(daemon.events())
+        outcomes: list[bool] = []
+        done = threading.Event()
+        sender = load_while(api, outcomes, done)
+        try:
+            update = daemon.ctl("update", timeout=HEAL_TIMEOUT)
+        finally:
+            done.set()
+            sender.join(60)
+        assert update.returncode == 0, update.stdout + update.stderr
+        lines = update.stdout.splitlines()
+        assert lines[0].startswith("tiny: rolling update: surge"), lines
+        assert lines[-1] == "settled", lines
+        # Slots [0, 1] became [2, 0]: the spare tiny-2 first, tiny-0 in place, tiny-1 gone.
+        after = status(daemon)
+        assert sorted(n for n in after if n.startswith("tiny-")) == ["tiny-0", "tiny-2"], after
+        for name in ("tiny-0", "tiny-2"):
+            assert after[name]["state"] == "RUNNING", after[name]
+            assert "--block-size" in psutil.Process(after[name]["pid"]).cmdline()
+        assert not psutil.pid_exists(units["tiny-1"]["pid"])
+        assert after["frontend"]["pid"] == units["frontend"]["pid"]
+        events = daemon.events()[since:]
+        # Each new replica was RUNNING and admitted before an old one was drained...
+        assert step_index(events, "tiny-2", "admitted") < step_index(events, "tiny-0", "draining")
+        assert step_index(events, "tiny-0", "admitted") < step_index(events, "tiny-1", "draining")
+        # ...so two replicas at least were RUNNING at every moment...
+        workers = ["tiny-0", "tiny-1", "tiny-2"]
+        start = {"tiny-0": "RUNNING", "tiny-1": "RUNNING", "tiny-2": "STOPPED"}
+        moments = replay_states(events, workers, start)
+        assert len(moments) >= 6, moments
+        assert all(list(m.values()).count("RUNNING") >= 2 for m in moments), moments
+        # ...and no request failed.
+        assert outcomes and all(outcomes), outcomes
+        # The new slots are saved: the same update again changes nothing.
+        again = daemon.ctl("update", timeout=HEAL_TIMEOUT)
+        assert again.stdout == "No config updates to processes\n", again.stdout + again.stderr
+
+
+def test_a_daemon_killed_mid_surge_ends_with_exactly_the_new_replicas(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    with run_dynsupd(tmp_path, stack.units) as daemon:
+        units = wait_running(daemon, stack)
+        change_engine_args(stack, "block_size = 32")
+        done = daemon.ctl("update", "--no-wait")
+        assert done.returncode == 0, done.stdout + done.stderr
+        # The spare runs the new spec; the old replicas have not been touched.
+        daemon.wait_event(
+            lambda e: (
+                e.get("event") == "rollout.step"
+                and e.get("unit") == "tiny-2"
+                and e.get("step") == "running"
+            ),
+            timeout=HEAL_TIMEOUT,
+        )
+        spare = status(daemon)["tiny-2"]["pid"]
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(30)
+        (tmp_path / "dynsupd.log").rename(tmp_path / "first.log")
+        with run_dynsupd(tmp_path, stack.units) as second:
+            for name in ("tiny-0", "tiny-2", "frontend"):
+                second.wait_state(name, "RUNNING", timeout=HEAL_TIMEOUT)
+            after = status(second)
+            assert sorted(n for n in after if n.startswith("tiny-")) == ["tiny-0", "tiny-2"]
+            assert after["tiny-2"]["pid"] == spare  # adopted: it matches its spec
+            for name in ("tiny-0", "tiny-2"):
+                assert "--block-size" in psutil.Process(after[name]["pid"]).cmdline()
+            for old in ("tiny-0", "tiny-1"):
+                proc_gone(units[old]["pid"])
+            until_serving(client(stack, timeout=20), time.monotonic() + HEAL_TIMEOUT)
+            assert second.stop(timeout=120) == 0, second.stderr_path.read_text()[-4000:]
+
+
+def proc_gone(pid: int) -> None:
+    """The process ends (a stale replica is stopped by the next daemon), within a deadline."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).wait(timeout=HEAL_TIMEOUT)
+
+
+def test_update_names_the_replica_that_cannot_start_and_exits_1(tmp_path: Path) -> None:
+    """With surge, the spare is the first to fail: both old replicas are kept serving."""
+    stack = make_stack(tmp_path)
+    with running_stack(tmp_path, stack) as (daemon, units):
         change_engine_args(stack, "no_such_flag = 1")  # the mocker's parser exits 2
         update = daemon.ctl("update", timeout=HEAL_TIMEOUT)
         assert update.returncode == 1, update.stdout + update.stderr
         lines = update.stdout.splitlines()
-        failed = [line for line in lines if line.startswith(f"{first}: ERROR (")]
+        failed = [line for line in lines if line.startswith("tiny-2: ERROR (")]
         assert failed and "exit status 2" in failed[0], lines
-        assert f"{second}: kept (old spec: the rollout halted at {first})" in lines
+        for kept in stack.workers:
+            assert f"{kept}: kept (old spec: the rollout halted at tiny-2)" in lines
         assert lines[-1] == "not settled: 1 unit(s) failed to come up", lines
-        # The replica not replaced still serves, under its old pid.
+        # The replicas not replaced still serve, under their old pids.
         after = status(daemon)
-        assert after[second]["state"] == "RUNNING"
-        assert after[second]["pid"] == units[second]["pid"]
+        for kept in stack.workers:
+            assert after[kept]["state"] == "RUNNING"
+            assert after[kept]["pid"] == units[kept]["pid"]
         assert chat_ok(client(stack, timeout=20))
 
 
@@ -280,22 +389,23 @@ def test_update_no_wait_returns_before_the_replicas_are_running(tmp_path: Path) 
         result = json.loads(done.stdout)
         # Accepted and saved, not carried out: no new replica came up yet.
         assert result["applied"] is True and result["settled"] is False, result
-        assert sorted(result["changed"]) == sorted(stack.workers)
+        # A surge: slots [0, 1] become [2, 0].
+        plan = (result["added"], sorted(result["changed"]), result["removed"])
+        assert plan == (["tiny-2"], ["tiny-0"], ["tiny-1"]), result
         assert not [s for s in result["progress"] if s["step"] in ("started", "running")], result
         # The rollout goes on without the client; the next write waits for it.
-        last = stack.workers[-1]
         daemon.wait_event(
             lambda e: (
                 e.get("event") == "rollout.step"
-                and e.get("unit") == last
-                and e.get("step") == "admitted"
+                and e.get("unit") == "tiny-1"
+                and e.get("step") == "removed"
             ),
             timeout=HEAL_TIMEOUT,
         )
         after = status(daemon)
-        for name in stack.workers:
+        for name in ("tiny-0", "tiny-2"):
             assert after[name]["state"] == "RUNNING"
-            assert after[name]["pid"] != units[name]["pid"]
+            assert after[name]["pid"] not in (units["tiny-0"]["pid"], units["tiny-1"]["pid"])
         again = daemon.ctl("update", timeout=HEAL_TIMEOUT)
         assert again.stdout == "No config updates to processes\n", again.stdout + again.stderr
 

@@ -37,6 +37,7 @@ from .control.protocol import (
     names_arg,
 )
 from .control.server import Handoff, Stream
+from .dynamo.slots import pool_of, pool_slots, surge_slots
 from .engine import Engine, OutputHub, ReloadPlan, Rollout, State, UnitStatus, UnknownUnit
 from .engine.output import ChunkFollower
 from .engine.placement import PlacementFailed
@@ -502,7 +503,16 @@ class Commands:
             # A whole update lets a changed `replicas` in a file win over `scale`.
             dropped, kept = await self._scale_overrides(drop_stale=not wanted)
             new_specs = await self._update_specs(wanted, replicas=kept)
+            # Names given: only those move, so no pool's slots do.
+            surging = {} if wanted else await self._surge_pools(new_specs)
+            if surging:
+                slots = {**self._desired.slots, **surging}
+                new_specs = await self._update_specs(wanted, replicas=kept, slots=slots)
             await self._check_starts(new_specs)
+            if surging:
+                # Saved before the surge starts: a daemon restarted midway expands
+                # the new names, adopts the new replicas and stops the old ones.
+                await self._save(self._desired.set_slots, surging)
             await self._save(self._desired.forget_except, set(new_specs))
             if dropped:
                 await self._save(self._desired.drop_replicas, [d["pool"] for d in dropped])
@@ -558,12 +568,64 @@ class Commands:
             if count != _pool_size(in_file, pool)
         ]
 
+    async def _surge_pools(
+        self, new_specs: Mapping[str, ServiceSpec]
+    ) -> dict[str, tuple[int, ...]]:
+        """The pools new_specs changes that roll by surge, with their new slots.
+
+        A pool surges when its model allows it (`[model] surge`), every replica
+        is RUNNING and changed (nothing added or removed: that is a scale), and
+        one more replica fits beside them with nothing freed (always without
+        GPUs; with GPUs, as the placement check says). Otherwise it rolls drain
+        first, on its own slots.
+        """
+        plan = self._engine.plan(new_specs)
+        current = self._engine.specs
+        running = {s.name for s in self._engine.statistics() if s.state is State.RUNNING}
+        pools: dict[str, list[tuple[int, str]]] = {}
+        for name, spec in current.items():
+            found = pool_of(name, spec.group) if spec.group else None
+            if found is not None:
+                pools.setdefault(found[0], []).append((found[1], name))
+        surging: dict[str, tuple[int, ...]] = {}
+        for pool, members in sorted(pools.items()):
+            names = [name for _, name in members]
+            slots = pool_slots(self._desired.slots.get(pool, ()), len(members))
+            if (
+                sorted(slots) != sorted(slot for slot, _ in members)
+                or not all(n in plan.changed and n in running for n in names)
+                or not all(new_specs[n].surge for n in names)
+                or not await self._spare_fits(new_specs[names[0]], pool)
+            ):
+                continue
+            surging[pool] = surge_slots(slots)
+        return surging
+
+    async def _spare_fits(self, spec: ServiceSpec, pool: str) -> bool:
+        """Does one more replica like spec fit now, with nothing stopped first?"""
+        if spec.gpus == 0:
+            return True
+        if self._check is None:
+            return False
+        try:
+            await self._check({f"{spec.name}~spare": spec}, [])
+        except PlacementFailed as exc:
+            log.info("update.no_surge", pool=pool, reason=str(exc))
+            return False
+        return True
+
     async def _update_specs(
-        self, wanted: list[str], replicas: Mapping[str, int] | None = None
+        self,
+        wanted: list[str],
+        replicas: Mapping[str, int] | None = None,
+        slots: Mapping[str, tuple[int, ...]] | None = None,
     ) -> dict[str, ServiceSpec]:
         """The specs an update applies: the whole directory, validated as a whole;
         with names, only those move (each must be a unit loaded or in the files)."""
-        new_specs = dict(await self._read_specs(replicas=replicas))
+        overrides: dict[str, Any] = {"replicas": replicas}
+        if slots is not None:
+            overrides["slots"] = slots
+        new_specs = dict(await self._read_specs(**overrides))
         if wanted:
             unknown = [n for n in wanted if n not in new_specs and n not in self._engine.specs]
             if unknown:

@@ -161,12 +161,13 @@ def load_specs(
     replicas: Mapping[str, int] | None = None,
     models: dict[str, str] | None = None,
     port_blocks: dict[str, int] | None = None,
+    slots: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, ServiceSpec]:
     """Read the unit directories and expand model units into the stack's services.
 
     ``models``, when given, is filled with the model units found (name -> mode).
     ``port_blocks``: the models' port blocks as assigned before; replaced by
-    the blocks assigned now.
+    the blocks assigned now. ``slots``: each pool's replica slots, as saved.
     """
     context = {"state_dir": str(settings.state_dir)}
     ray = settings.config.ray
@@ -175,6 +176,7 @@ def load_specs(
         gpus_per_node=gpus_per_node(ray),
         replicas=replicas or {},
         port_blocks=dict(port_blocks or {}),
+        slots=dict(slots or {}),
     )
 
     def expand(services: dict[str, ServiceSpec], others: dict[str, list[Any]]) -> Any:
@@ -319,11 +321,17 @@ class Daemon:
         self.models: dict[str, str] = {}
         self.exit_code = EXIT_OK
 
-    def reread(self, replicas: Mapping[str, int] | None = None) -> dict[str, ServiceSpec]:
+    def reread(
+        self,
+        replicas: Mapping[str, int] | None = None,
+        slots: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> dict[str, ServiceSpec]:
         if replicas is None:
             replicas = self.desired.replicas
+        if slots is None:
+            slots = self.desired.slots
         blocks = dict(self.desired.port_blocks)
-        specs = load_specs(self.settings, replicas, self.models, blocks)
+        specs = load_specs(self.settings, replicas, self.models, blocks, slots)
         self.desired.remember_port_blocks(blocks)
         return specs
 

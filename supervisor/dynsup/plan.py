@@ -188,7 +188,13 @@ def check_units(settings: Settings, *, as_json: bool) -> int:
     # models' port blocks (read only; nothing is written back).
     remembered = DesiredState.load(settings.state_dir, read_only=True)
     try:
-        specs = load_specs(settings, remembered.replicas, None, dict(remembered.port_blocks))
+        specs = load_specs(
+            settings,
+            remembered.replicas,
+            None,
+            dict(remembered.port_blocks),
+            remembered.slots,
+        )
     except UnitErrors as exc:
         print(f"dynsupd: invalid units:\n{exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -7,6 +7,7 @@
     [replicas]          # "MODEL" or "MODEL:ROLE" -> count set by `dynsupctl scale`
     [replicas_file]     # the same keys -> the unit file's count when it was set
     [port_blocks]       # model unit -> first port of its block
+    [slots]             # "MODEL" or "MODEL:ROLE" -> its replicas' slots, after a surge
     # end of dynsup state
 
 Two promises:
@@ -74,6 +75,10 @@ class DesiredState:
         self.replicas_file: dict[str, int] = {}
         # Each model unit's port block, kept across reloads and restarts.
         self.port_blocks: dict[str, int] = {}
+        # Each pool's replica slots (replica <unit>-<slot>), once a surge moved them
+        # off 0..n-1: saved before the surge starts, so a daemon restarted midway
+        # expands the same names and adopts the new replicas.
+        self.slots: dict[str, tuple[int, ...]] = {}
         # Changes are written from worker threads (fsync stays off the event
         # loop): one read-modify-write at a time.
         self._lock = threading.RLock()
@@ -92,9 +97,13 @@ class DesiredState:
                 state._set_aside(str(exc))
             return state
         try:
-            (state.overrides, state.replicas, state.replicas_file, state.port_blocks) = _validate(
-                parse_toml(data), data
-            )
+            (
+                state.overrides,
+                state.replicas,
+                state.replicas_file,
+                state.port_blocks,
+                state.slots,
+            ) = _validate(parse_toml(data), data)
         except (TomlFileError, CorruptState) as exc:
             if not read_only:
                 state._set_aside(str(exc))
@@ -167,6 +176,14 @@ class DesiredState:
             if dict(blocks) != self.port_blocks:
                 self._commit(port_blocks=dict(blocks))
 
+    def set_slots(self, changes: Mapping[str, tuple[int, ...] | None]) -> None:
+        """Save pools' slots (None: back to 0..n-1), in one write."""
+        with self._lock:
+            slots = {k: v for k, v in self.slots.items() if k not in changes}
+            slots.update({k: tuple(v) for k, v in changes.items() if v is not None})
+            if slots != self.slots:
+                self._commit(slots=slots)
+
     def forget_except(self, names: set[str]) -> None:
         with self._lock:
             kept = {name: wanted for name, wanted in self.overrides.items() if name in names}
@@ -180,15 +197,17 @@ class DesiredState:
         replicas: dict[str, int] | None = None,
         replicas_file: dict[str, int] | None = None,
         port_blocks: dict[str, int] | None = None,
+        slots: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         new = (
             self.overrides if overrides is None else overrides,
             self.replicas if replicas is None else replicas,
             self.replicas_file if replicas_file is None else replicas_file,
             self.port_blocks if port_blocks is None else port_blocks,
+            self.slots if slots is None else slots,
         )
         write_atomically(self.path, _render(*new))
-        self.overrides, self.replicas, self.replicas_file, self.port_blocks = new
+        self.overrides, self.replicas, self.replicas_file, self.port_blocks, self.slots = new
 
 
 def write_atomically(path: Path, payload: str) -> None:
@@ -221,6 +240,7 @@ def _render(
     replicas: dict[str, int],
     replicas_file: dict[str, int],
     blocks: dict[str, int],
+    slots: dict[str, tuple[int, ...]],
 ) -> str:
     document = {
         "format": FORMAT,
@@ -228,15 +248,19 @@ def _render(
         "replicas": dict(sorted(replicas.items())),
         "replicas_file": dict(sorted(replicas_file.items())),
         "port_blocks": dict(sorted(blocks.items())),
+        "slots": {k: list(v) for k, v in sorted(slots.items())},
     }
     return tomli_w.dumps(document) + END_MARK
 
 
 def _validate(
     document: dict[str, Any], raw: bytes
-) -> tuple[dict[str, bool], dict[str, int], dict[str, int], dict[str, int]]:
-    """The four tables of a state file, checked; raises CorruptState."""
-    unknown = set(document) - {"format", "wanted", "replicas", "replicas_file", "port_blocks"}
+) -> tuple[
+    dict[str, bool], dict[str, int], dict[str, int], dict[str, int], dict[str, tuple[int, ...]]
+]:
+    """The five tables of a state file, checked; raises CorruptState."""
+    known = {"format", "wanted", "replicas", "replicas_file", "port_blocks", "slots"}
+    unknown = set(document) - known
     if unknown:
         raise CorruptState(f"unknown keys: {_cut(', '.join(sorted(unknown)))}")
     version = document.get("format", 1)
@@ -253,7 +277,16 @@ def _validate(
     if stray:
         raise CorruptState(f"replicas_file: {_cut(stray)} has no count in replicas")
     blocks = _table(document, "port_blocks", _UNIT_NAME, _count(1, 65535), "a port 1..65535")
-    return wanted, replicas, against, blocks
+    slots = _table(document, "slots", _POOL, _slot_list, "distinct slot numbers 0..999")
+    return wanted, replicas, against, blocks, {k: tuple(v) for k, v in slots.items()}
+
+
+def _slot_list(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and all(_count(0, 999)(k) for k in value)
+        and len(set(value)) == len(value)
+    )
 
 
 def _count(low: int, high: int) -> Any:

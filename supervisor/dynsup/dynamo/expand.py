@@ -48,6 +48,7 @@ from .binaries import MissingProgram, etcd_binary, nats_binary, python_module
 from .flags import merge_args, to_flags
 from .ports import PortError, model_blocks, worker_ports
 from .releases import MOCKER_STOP, Release, installed_release
+from .slots import pool_slots
 
 UNSET = ("DYN_*", "ETCD_*", "NATS_*")
 DEFAULT_MIGRATION_LIMIT = 3
@@ -87,6 +88,9 @@ class StackContext:
     # GPUs of one node; a TP group larger than this spans nodes (ranks).
     gpus_per_node: int | None = None
     replicas: Mapping[str, int] = field(default_factory=dict)  # `dynsupctl scale` overrides
+    # Each pool's replica slots ("MODEL" or "MODEL:ROLE" -> slot numbers), as saved:
+    # replica <unit>-<slot> has the ports of its slot. Absent: 0..n-1.
+    slots: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     # Each model's port block as last assigned; the expansion writes the
     # blocks it assigns into port_blocks_out, for the daemon to remember.
     port_blocks: Mapping[str, int] = field(default_factory=dict)
@@ -438,7 +442,8 @@ class _Builder:
             return []
         specs = []
         for role, count, args in self._roles(model):
-            for replica in range(count):
+            pool = model.name if role == "agg" else f"{model.name}:{role}"
+            for replica in pool_slots(self.ctx.slots.get(pool, ()), count):
                 name = model.name if role == "agg" else f"{model.name}-{role}"
                 try:
                     specs.extend(
@@ -543,6 +548,7 @@ class _Builder:
                 canary=model.canary,
             ),
             group=model.name,
+            surge=model.surge,
             source=model.source,
         )
         return [spec]

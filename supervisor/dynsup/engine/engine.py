@@ -346,14 +346,19 @@ class Engine:
             for name in plan.changed
             if new_specs[name].group and self._units[name].state is State.RUNNING
         }
-        stopping = sorted(set(plan.removed) | (set(plan.changed) - rolling))
+        # A rolling group that gains and loses members at once surges: what it
+        # gains starts first, what it loses is drained last (`_roll`).
+        groups = {new_specs[name].group for name in rolling}
+        spares = {name for name in plan.added if new_specs[name].group in groups}
+        leaving = {name for name in plan.removed if self._units[name].spec.group in groups}
+        stopping = sorted((set(plan.removed) - leaving) | (set(plan.changed) - rolling))
         live = [name for name in stopping if self._units[name].active]
         for name in live:
             rollout.report(name, self._stop_word(self._units[name]))
         await self._stop_many(set(stopping))
         for name in live:
             rollout.report(name, "stopped")
-        for name in plan.removed:
+        for name in sorted(set(plan.removed) - leaving):
             del self._units[name]
             rollout.report(name, "removed")
         for name in plan.added:
@@ -361,42 +366,74 @@ class Engine:
         for name, unit in self._units.items():
             # Changed, or equal but for how it is watched (its probes: the new
             # watch from the next start). A rolling unit's spec changes at its turn.
-            if name not in rolling:
+            if name not in rolling and name not in leaving:
                 unit.spec = new_specs[name]
         started = [n for n in sorted(set(plan.changed) - rolling) if n in was_wanted]
-        started += [n for n in sorted(plan.added) if new_specs[n].autostart]
+        started += [n for n in sorted(set(plan.added) - spares) if new_specs[n].autostart]
         for name in started:
             self.start_nowait(name)
         async with anyio.create_task_group() as tg:
             for name in started:
                 tg.start_soon(self._come_up, name, rollout)
-            tg.start_soon(self._roll, rolling, new_specs, rollout)
+            tg.start_soon(self._roll, rolling, spares, leaving, new_specs, rollout)
 
     async def _roll(
-        self, names: set[str], new_specs: Mapping[str, ServiceSpec], rollout: Rollout
+        self,
+        names: set[str],
+        spares: set[str],
+        leaving: set[str],
+        new_specs: Mapping[str, ServiceSpec],
+        rollout: Rollout,
     ) -> None:
         """Replace each group's units one after another (groups side by side): drain
         one, start its new spec, wait until it is RUNNING and admitted (taking
-        traffic), then the next. A replacement that fails to come up halts its
-        group: the units not yet replaced keep serving with their old spec (the
-        next `update` finds them changed still)."""
+        traffic), then the next. A group with spares surges: each spare (a new
+        member) starts and is admitted first, so while one old unit is replaced
+        the group still has as many serving as before; its leaving members (gone
+        from new_specs) are drained and removed last. A unit that fails to come
+        up halts its group: the units not yet replaced, and those that were to
+        leave, keep serving with their old spec (the next `update` finds them)."""
         groups: dict[str, list[str]] = {}
         for name in sorted(names):
             groups.setdefault(new_specs[name].group, []).append(name)
 
         async def roll_group(group: str, members: list[str]) -> None:
-            rollout.report(group, "rolling", "drain first, one replica at a time")
-            for name in members:
-                if not await self._replace(name, new_specs[name], rollout):
-                    left = members[members.index(name) + 1 :]
+            added = sorted(n for n in spares if new_specs[n].group == group)
+            gone = sorted(n for n in leaving if self._units[n].spec.group == group)
+            order = (
+                "surge: each new replica on a spare slot first, then an old one drained"
+                if added
+                else "drain first, one replica at a time"
+            )
+            rollout.report(group, "rolling", order)
+            steps = [*((n, True) for n in added), *((n, False) for n in members)]
+            for index, (name, spare) in enumerate(steps):
+                came_up = (
+                    await self._come_up_new(name, rollout)
+                    if spare
+                    else await self._replace(name, new_specs[name], rollout)
+                )
+                if not came_up:
+                    left = [n for n, is_spare in steps[index + 1 :] if not is_spare] + gone
                     log.error("unit.rolling_halted", unit=name, left=left)
                     for kept in left:
                         rollout.report(kept, "kept", f"old spec: the rollout halted at {name}")
                     return
+            for name in gone:
+                rollout.report(name, self._stop_word(self._units[name]))
+                await self._stop_many({name})
+                rollout.report(name, "stopped")
+                del self._units[name]
+                rollout.report(name, "removed")
 
         async with anyio.create_task_group() as tg:
             for group, members in groups.items():
                 tg.start_soon(roll_group, group, members)
+
+    async def _come_up_new(self, name: str, rollout: Rollout) -> bool:
+        """A surge's spare: start it and wait until it is RUNNING and admitted."""
+        self.start_nowait(name)
+        return await self._come_up(name, rollout)
 
     async def heal(self, names: list[str], reason: str) -> None:
         """Restart names (drained, as any stop) with reason, and wait until each is

@@ -114,6 +114,9 @@ class ServiceSpec:
     # Units of one group (a model's replicas) are replaced one at a time by
     # `update`, each RUNNING and taking traffic before the next is stopped.
     group: str = field(default="", compare=False)
+    # Its group may roll by surge: the new spec on a spare slot first, then an
+    # old replica drained (`[model] surge`). How it is replaced, not what runs.
+    surge: bool = field(default=False, compare=False)
     # Where the program registers for discovery. Derived from the same stack
     # settings as its environment, so it adds nothing to the unit's identity.
     registry: Registry | None = field(default=None, compare=False)

@@ -93,6 +93,7 @@ MODEL_KEYS = (
     "prefill",
     "decode",
     "canary",
+    "surge",
 )
 ROLE_KEYS = ("replicas", "engine_args")
 
@@ -159,6 +160,9 @@ class ModelSpec:
     # A periodic 1-token request through the frontend heals a model that its
     # RUNNING workers do not serve (dynamo/canary.py); false opts out.
     canary: bool = True
+    # A rolling update starts each new replica on a spare slot before an old one
+    # is drained (where its GPUs allow); false: drain first, on the same slot.
+    surge: bool = True
     source: str = field(default="", compare=False)
 
 
@@ -255,6 +259,7 @@ def parse_model(
         prefill=roles["prefill"],
         decode=roles["decode"],
         canary=table.get("canary", as_bool, True),
+        surge=table.get("surge", as_bool, True),
     )
 
 
