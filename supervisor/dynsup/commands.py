@@ -574,7 +574,8 @@ class Commands:
         """The pools new_specs changes that roll by surge, with their new slots.
 
         A pool surges when its model allows it (`[model] surge`), every replica
-        is RUNNING and changed (nothing added or removed: that is a scale), and
+        is RUNNING and changed, its count stays (a count that changes too rolls
+        drain first, as a scale with a change), and
         one more replica fits beside them with nothing freed (always without
         GPUs; with GPUs, as the placement check says). Otherwise it rolls drain
         first, on its own slots.
@@ -593,6 +594,7 @@ class Commands:
             slots = pool_slots(self._desired.slots.get(pool, ()), len(members))
             if (
                 sorted(slots) != sorted(slot for slot, _ in members)
+                or _pool_size(new_specs, pool) != len(members)  # a count change too: no
                 or not all(n in plan.changed and n in running for n in names)
                 or not all(new_specs[n].surge for n in names)
                 or not await self._spare_fits(new_specs[names[0]], pool)

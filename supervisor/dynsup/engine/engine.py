@@ -400,11 +400,12 @@ class Engine:
         async def roll_group(group: str, members: list[str]) -> None:
             added = sorted(n for n in spares if new_specs[n].group == group)
             gone = sorted(n for n in leaving if self._units[n].spec.group == group)
-            order = (
-                "surge: each new replica on a spare slot first, then an old one drained"
-                if added
-                else "drain first, one replica at a time"
-            )
+            if added and gone:
+                order = "surge: each new replica on a spare slot first, then an old one drained"
+            elif added:  # the count grows too: the new replicas first, then drain first
+                order = "added replicas first, then drain first, one replica at a time"
+            else:
+                order = "drain first, one replica at a time"
             rollout.report(group, "rolling", order)
             steps = [*((n, True) for n in added), *((n, False) for n in members)]
             for index, (name, spare) in enumerate(steps):
