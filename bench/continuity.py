@@ -10,11 +10,12 @@ requests a second (one thread per request slot, distinct prompts, 10 s
 timeout) plus two looping streaming requests (max_tokens 64). Rows, one
 after another, each once the stack is RUNNING and serving again:
 
-* ``kill -9 worker``: SIGKILL of tiny-0's leader;
-* ``SIGSTOP worker``: tiny-0's group stopped for ``--hang`` seconds, then
-  continued (if still there); "replaced" is the time from SIGSTOP to tiny-0
+* ``kill -9 worker``: SIGKILL of the first replica's leader (tiny-0, or
+  its name after a surge);
+* ``SIGSTOP worker``: the first replica's group stopped for ``--hang`` seconds, then
+  continued (if still there); "replaced" is the time from SIGSTOP to it
   RUNNING under a new pid;
-* ``restart worker``: ``dynsupctl restart tiny-1``;
+* ``restart worker``: ``dynsupctl restart`` of the last replica;
 * ``scale 2→1→2``: ``dynsupctl scale tiny 1``, then ``scale tiny 2``;
 * ``kill -9 frontend``: SIGKILL of the first frontend's leader;
 * ``kill -9 dynsupd``: SIGKILL of the daemon, then a new one on the same
@@ -189,16 +190,21 @@ def main() -> int:
             wait_running(daemon, stack)
             rows: list[tuple[str, Callable[[], None], str]] = []
 
+            def workers() -> list[str]:
+                # A surge moves the replicas' names (tiny-0, tiny-1 -> tiny-2, tiny-0).
+                return sorted(n for n in status(daemon) if n.startswith("tiny-"))
+
             def kill_worker() -> None:
-                os.kill(status(daemon)["tiny-0"]["pid"], signal.SIGKILL)
+                os.kill(status(daemon)[workers()[0]]["pid"], signal.SIGKILL)
 
             def hang_worker() -> None:
-                pid = status(daemon)["tiny-0"]["pid"]
+                victim = workers()[0]
+                pid = status(daemon)[victim]["pid"]
                 os.killpg(pid, signal.SIGSTOP)
                 started = time.monotonic()
                 replaced = float("nan")
                 while time.monotonic() - started < args.hang:
-                    now = status(daemon)["tiny-0"]
+                    now = status(daemon)[victim]
                     if now["state"] == "RUNNING" and now["pid"] not in (None, pid):
                         replaced = time.monotonic() - started
                         break
@@ -209,7 +215,7 @@ def main() -> int:
                         os.killpg(pid, signal.SIGCONT)
 
             def restart_worker() -> None:
-                ctl(daemon, "restart", "tiny-1")
+                ctl(daemon, "restart", workers()[-1])
 
             def kill_frontend() -> None:
                 os.kill(status(daemon)["frontend"]["pid"], signal.SIGKILL)
