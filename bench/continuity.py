@@ -231,7 +231,8 @@ def main() -> int:
                 daemon.proc.wait(60)
                 (root / "dynsupd.log").rename(root / f"dynsupd-{time.time_ns()}.log")
                 daemon = restarts.enter_context(run_dynsupd(root, stack.units))
-                wait_running(daemon, stack)
+                for name in before:  # the names of now, not the stack's (a surge moved them)
+                    daemon.wait_state(name, "RUNNING", timeout=240)
                 after = {n: u["pid"] for n, u in status(daemon).items()}
                 kept = [n for n, pid in before.items() if pid and after.get(n) == pid]
                 print(f"  pids kept: {len(kept)} of {len(before)}")
