@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,14 @@ pytest_plugins = ["tests.journald_fixture"]
 
 MARK = "DYNSUP_TEST_SESSION"
 os.environ.setdefault(MARK, uuid.uuid4().hex)
+
+# A runner that starts the suite in the background (CI) hands it SIGINT
+# ignored, and an ignored signal is inherited across exec: every dynsupctl a
+# test starts would then ignore the Ctrl-C the test sends it (as a terminal
+# would) and hang. Catch it here as an interactive run does, so that the
+# processes the tests start get SIGINT's default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _marked_processes() -> dict[int, psutil.Process]:
