@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import re
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from dynsup.agent_wire import FOLLOW
 
 from .daemon_helpers import DYNSUPCTL, Dynsupd, py_command, run_dynsupd, write_unit
 
@@ -180,3 +185,31 @@ def test_a_follow_of_both_streams_heads_each_stream_s_text(tmp_path: Path) -> No
         assert (kind, stream) in (("out", "stdout"), ("err", "stderr")), (line, stream)
         seen[kind] += 1
     assert seen["out"] >= 5 and seen["err"] >= 5, seen
+
+
+def test_a_malformed_follow_handed_to_the_agent_costs_that_connection_only(
+    tmp_path: Path,
+) -> None:
+    """The agent process's socket takes a follow handed over (the byte F and a
+    descriptor, then one frame). Garbage there (positions that are no mapping)
+    must end that connection, not the agent, whose death is every unit's."""
+    with run_dynsupd(tmp_path, ticker_units(tmp_path), env={"DYNSUP_AGENT": "process"}) as daemon:
+        daemon.wait_state("ticker", "RUNNING")
+        agent = agent_process(daemon, "process")
+        pid = daemon.ctl_json("status")["units"][0]["pid"]
+        client, ours = socket.socketpair()
+        with client, ours, socket.socket(socket.AF_UNIX) as side:
+            side.connect(str(tmp_path / "state" / "agent.sock"))
+            socket.send_fds(side, [FOLLOW], [client.fileno()])
+            frame = pickle.dumps((1, "ticker", 5, True, True))
+            side.sendall(struct.pack(">I", len(frame)) + frame)
+            side.settimeout(30)
+            assert side.recv(1) == b""  # the agent closed this connection
+        assert agent.is_running()
+        assert daemon.ctl_json("status")["units"][0]["pid"] == pid
+        # And it still serves a follow.
+        follower = Follower(daemon)
+        try:
+            follower.wait_for(lambda: len(follower.ticks()) >= 3, "three ticks")
+        finally:
+            assert follower.close() == 0

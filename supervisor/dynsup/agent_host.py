@@ -170,6 +170,20 @@ class AgentHost:
     # -- connections -----------------------------------------------------------------
 
     async def serve_connection(self, stream: SocketStream) -> None:
+        """One connection: a daemon's calls, or a follow it hands over.
+
+        A bug in serving one connection costs that connection, never the
+        agent: the listener's task group is the agent's, and its end would
+        be every unit's (the warden's kill).
+        """
+        try:
+            await self._serve_connection(stream)
+        except Exception:
+            log.exception("agent.connection_failed")
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+    async def _serve_connection(self, stream: SocketStream) -> None:
         sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         if peer_credentials(sock).uid != os.getuid():
             await stream.aclose()
