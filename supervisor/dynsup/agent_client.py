@@ -374,7 +374,7 @@ async def keep_agent(client: AgentClient, path: Path, orphan_timeout: float) -> 
             try:
                 await _start_agent(path, orphan_timeout)
                 await client.reconnect(await anyio.connect_unix(path))
-            except (AgentError, OSError) as exc:
+            except Exception as exc:  # whatever it is, the daemon carries on and tries again
                 log.error("agent.restart_failed", error=str(exc), retry_in=delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, MAX_RESTART_DELAY)
