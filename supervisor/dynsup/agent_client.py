@@ -154,8 +154,14 @@ class AgentClient:
         return int(self.info.get("protocol", PROTOCOL))
 
     @property
-    def serves_followers(self) -> bool:
+    def output_in_agent(self) -> bool:
+        """Whether the agent connected now forwards to journald, pulls by names and
+        writes follows (protocol 2 on; an older one sends the daemon everything)."""
         return self.protocol >= 2
+
+    @property
+    def serves_followers(self) -> bool:
+        return self.output_in_agent
 
     async def aclose(self) -> None:
         await self._stream.aclose()
@@ -219,7 +225,7 @@ class AgentClient:
     async def next_chunks(
         self, cursor: int, timeout: float, names: Collection[str] | None = None
     ) -> ChunkBatch:
-        if self.protocol < 2:  # it sends everything; the hub drops what nobody wants
+        if not self.output_in_agent:  # it sends everything; the hub drops what nobody wants
             return await self.call("next_chunks", cursor, timeout)  # type: ignore[no-any-return]
         names = None if names is None else frozenset(names)
         return await self.call("next_chunks", cursor, timeout, names)  # type: ignore[no-any-return]
@@ -233,7 +239,7 @@ class AgentClient:
         """The agent forwards its units' output to journald with these settings
         (and the agent started after this one dies, too). False from an agent
         that cannot: the daemon forwards that agent's output itself."""
-        if self.protocol < 2:
+        if not self.output_in_agent:
             return False
         self.journal = settings
         return await self.call("use_journal", settings)  # type: ignore[no-any-return]

@@ -164,7 +164,7 @@ async def open_agent_backend(
         backend = _local_backend(client, start=int(client.info.get("cursor", 0)))
         backend.can_detach = True
         # An older agent process (OLDEST_PROTOCOL) cannot: the daemon forwards.
-        backend.agent_journals = client.protocol >= 2  # an older agent cannot
+        backend.agent_journals = client.output_in_agent  # an older agent cannot
         if found:
             backend.adopt = partial(adopt_local, client)
         yield backend

@@ -182,7 +182,7 @@ class Client:
             self.close()
             raise ProtocolError(f"raw event of {size} bytes")
         if len(self._buf) >= size:
-            data = bytes(self._buf[:size])
+            data = self._buf[:size]
             del self._buf[:size]
             return data
         data = bytearray(size)
